@@ -1,0 +1,5 @@
+"""``python -m kernel_gateway``."""
+
+from .app import main
+
+main()

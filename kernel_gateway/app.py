@@ -1,0 +1,338 @@
+"""The gateway application: options, start-up validation, the HTTP server, clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import secrets
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.provisioning import KernelProvisionerFactory
+from jupyter_core.paths import jupyter_config_path
+from tornado import httpserver, web
+from traitlets import Bool, Integer, TraitError, Unicode, default, validate
+from traitlets.config import Application
+
+from provisioners.envconfig import EnvConfigurable
+
+from . import __version__
+from .kernels import KernelCuller, KernelRegistry
+from .logs import configure_logging, redact
+from .policy import GatewayPolicy
+from .sessions import SessionStore
+from .web import ROUTES, NotFoundHandler
+
+__all__ = ["GatewayApp", "main"]
+
+DEFAULT_PROVISIONER = "local-port-range-provisioner"
+
+aliases = {
+    "ip": "GatewayApp.ip",
+    "port": "GatewayApp.port",
+    "auth-token": "GatewayApp.auth_token",
+    "base-url": "GatewayApp.base_url",
+    "port-range": "PortRangeLocalProvisioner.port_range",
+    "default-kernel": "KernelRegistry.default_kernel_name",
+    "config": "GatewayApp.config_file",
+    "log-level": "GatewayApp.log_level",
+}
+flags = {
+    "no-auth": (
+        {"GatewayApp": {"allow_unauthenticated_access": True}},
+        "Serve without a token (anyone who reaches the port can run code). Logs a warning.",
+    ),
+    "allow-unauthenticated-channels": (
+        {"GatewayApp": {"allow_unauthenticated_channels": True}},
+        "Let kernel websockets connect without a token (for nbclient/papermill's GatewayKernelManager).",
+    ),
+    "json-logs": ({"GatewayApp": {"json_logs": True}}, "Log JSON lines."),
+    "debug": ({"Application": {"log_level": logging.DEBUG}}, "Log debug messages."),
+}
+
+
+@dataclass
+class ServerState:
+    """What ``/readyz`` reports: starting, ready or stopping."""
+
+    phase: str = "starting"
+
+
+def validate_all(configurable: Any) -> None:
+    """Read every option once, so bad environment values fail now rather than mid-request."""
+    for name in configurable.trait_names(config=True):
+        getattr(configurable, name)
+
+
+def _provisioner_classes() -> list[type]:
+    """Provisioner classes installed under ``jupyter_client.kernel_provisioners`` that are ours to document."""
+    entries = KernelProvisionerFactory._get_all_provisioners()
+    return [entry.load() for entry in sorted(entries, key=lambda e: e.name) if entry.value.startswith("provisioners.")]
+
+
+class GatewayApp(EnvConfigurable, Application):
+    """``kernel-gateway``: serves the Jupyter kernel API over kernels started by provisioners."""
+
+    name = "kernel-gateway"
+    version = __version__
+    description = "A Jupyter kernel gateway: start kernels locally or on a cluster and reach them over HTTP."
+    aliases = aliases
+    flags = flags
+    subcommands = {
+        "config-reference": (
+            "kernel_gateway.config_reference.ConfigReferenceApp",
+            "Print the configuration reference (every option, its environment variable and default).",
+        ),
+    }
+
+    ip = Unicode("127.0.0.1", config=True, help="Address the gateway listens on (env: GATEWAY_IP).")
+    ip_env = "GATEWAY_IP"
+    port = Integer(8888, config=True, help="TCP port the gateway listens on (env: GATEWAY_PORT).")
+    port_env = "GATEWAY_PORT"
+    base_url = Unicode("/", config=True, help="Path prefix of every route, e.g. /gateway/ (env: GATEWAY_BASE_URL).")
+    base_url_env = "GATEWAY_BASE_URL"
+    auth_token = Unicode(
+        "",
+        config=True,
+        help="Token clients must send (Authorization: token|Bearer <t>, or ?token=). Empty: one is generated "
+        "and printed at start-up, unless allow_unauthenticated_access is set (env: GATEWAY_AUTH_TOKEN).",
+    )
+    auth_token_env = "GATEWAY_AUTH_TOKEN"
+    allow_unauthenticated_access = Bool(
+        False,
+        config=True,
+        help="Serve without any token. Anyone who can reach the port can run code; a warning is logged "
+        "(env: GATEWAY_ALLOW_UNAUTHENTICATED_ACCESS).",
+    )
+    allow_unauthenticated_access_env = "GATEWAY_ALLOW_UNAUTHENTICATED_ACCESS"
+    allow_unauthenticated_channels = Bool(
+        False,
+        config=True,
+        help="Accept kernel websockets (/api/kernels/{id}/channels) without a token; REST still needs it. "
+        "For clients that send no credentials on the websocket (nbclient/papermill via jupyter_server's "
+        "GatewayKernelManager): the kernel id, a random UUID only returned to authenticated callers, "
+        "then acts as the credential (env: GATEWAY_ALLOW_UNAUTHENTICATED_CHANNELS).",
+    )
+    allow_unauthenticated_channels_env = "GATEWAY_ALLOW_UNAUTHENTICATED_CHANNELS"
+    allow_origin = Unicode(
+        "",
+        config=True,
+        help="Origins allowed for CORS and websockets besides the gateway's own: '*' or a comma-separated "
+        "list; empty allows same-origin and origin-less clients only (env: GATEWAY_ALLOW_ORIGIN).",
+    )
+    allow_origin_env = "GATEWAY_ALLOW_ORIGIN"
+    max_body_size = Integer(
+        1024 * 1024,
+        config=True,
+        help="Largest request body accepted, in bytes; larger ones get 413 (env: GATEWAY_MAX_BODY_SIZE).",
+    )
+    max_body_size_env = "GATEWAY_MAX_BODY_SIZE"
+    ws_ping_interval = Integer(
+        30,
+        config=True,
+        help="Seconds between websocket pings that keep idle connections open through proxies; 0 disables "
+        "(env: GATEWAY_WS_PING_INTERVAL).",
+    )
+    ws_ping_interval_env = "GATEWAY_WS_PING_INTERVAL"
+    json_logs = Bool(
+        False,
+        config=True,
+        help="Log one JSON object a line (for log collectors) instead of text (env: GATEWAY_JSON_LOGS).",
+    )
+    json_logs_env = "GATEWAY_JSON_LOGS"
+    config_file = Unicode(
+        "",
+        config=True,
+        help="A Python config file (c.GatewayApp.port = ...). Empty: kernel_gateway_config.py is read from the "
+        "Jupyter config path and the working directory if present (env: GATEWAY_CONFIG_FILE).",
+    )
+    config_file_env = "GATEWAY_CONFIG_FILE"
+
+    @default("log_level")
+    def _log_level_default(self) -> int:
+        return logging.INFO
+
+    @validate("port")
+    def _valid_port(self, proposal: dict[str, Any]) -> int:
+        if not 1 <= proposal["value"] <= 65535:
+            raise TraitError(f"port must be between 1 and 65535, not {proposal['value']}")
+        return proposal["value"]
+
+    @validate("base_url")
+    def _slashes(self, proposal: dict[str, Any]) -> str:
+        return "/" + proposal["value"].strip("/") + "/" if proposal["value"].strip("/") else "/"
+
+    @validate("max_body_size")
+    def _positive_size(self, proposal: dict[str, Any]) -> int:
+        if proposal["value"] < 1024:
+            raise TraitError(f"max_body_size must be at least 1024 bytes, not {proposal['value']}")
+        return proposal["value"]
+
+    @property
+    def classes(self) -> list[type]:  # type: ignore[override]
+        return [GatewayApp, GatewayPolicy, KernelRegistry, KernelCuller, *_provisioner_classes()]
+
+    def initialize(self, argv: list[str] | None = None) -> None:
+        """Parse options, read config, validate everything; exit with a message on any error."""
+        try:
+            self._initialize(argv)
+        except (TraitError, ValueError, OSError) as exc:
+            logging.getLogger(self.name).critical("configuration error: %s", exc)
+            print(f"kernel-gateway: configuration error: {exc}", file=sys.stderr)
+            self.exit(2)
+
+    def _initialize(self, argv: list[str] | None) -> None:
+        self.parse_command_line(argv)
+        if self.subapp is not None:
+            return
+        self._read_config_files()
+        configure_logging(self.log_level, "json" if self.json_logs else "text")
+        self.log = logging.getLogger("kernel_gateway")
+        validate_all(self)
+        if self.allow_unauthenticated_access and self.auth_token:
+            raise TraitError("auth_token and allow_unauthenticated_access contradict each other: choose one")
+        self.generated_token = not self.auth_token and not self.allow_unauthenticated_access
+        if self.generated_token:
+            self.auth_token = secrets.token_hex(24)
+        factory_config = self.config.KernelProvisionerFactory
+        if "default_provisioner_name" not in factory_config:
+            factory_config.default_provisioner_name = DEFAULT_PROVISIONER
+        self.policy = GatewayPolicy(parent=self)
+        self.kernel_spec_manager = KernelSpecManager(parent=self)
+        self.registry = KernelRegistry(parent=self, policy=self.policy, kernel_spec_manager=self.kernel_spec_manager)
+        self.culler = KernelCuller(parent=self, registry=self.registry)
+        self.sessions = SessionStore(self.registry)
+        for configurable in (self.policy, self.registry, self.culler):
+            validate_all(configurable)
+        self._validate_kernelspecs()
+
+    def _read_config_files(self) -> None:
+        if self.config_file:
+            if not os.path.isfile(self.config_file):
+                raise TraitError(f"config file {self.config_file!r} does not exist")
+            directory, filename = os.path.split(os.path.abspath(self.config_file))
+            self.load_config_file(filename, path=[directory])
+        else:
+            self.load_config_file("kernel_gateway_config", path=[*jupyter_config_path(), os.getcwd()])
+        # the command line wins over the file
+        if self.cli_config:
+            self.update_config(self.cli_config)
+
+    def _validate_kernelspecs(self) -> None:
+        """Every kernelspec's provisioner must exist and accept its config; the default spec must exist."""
+        specs = self.kernel_spec_manager.find_kernel_specs()
+        if self.registry.default_kernel_name not in specs:
+            raise TraitError(
+                f"default kernel {self.registry.default_kernel_name!r} is not installed; installed: {sorted(specs) or 'none'}"
+            )
+        factory = KernelProvisionerFactory.instance(parent=self.registry)
+        for name in sorted(specs):
+            spec = self.kernel_spec_manager.get_kernel_spec(name)
+            provisioner = (spec.metadata or {}).get("kernel_provisioner", {}).get("provisioner_name") or (
+                factory.default_provisioner_name
+            )
+            if not factory.is_provisioner_available(spec):
+                raise TraitError(f"kernelspec {name!r} names provisioner {provisioner!r}, which is not installed")
+            try:
+                instance = factory.create_provisioner_instance("config-check", spec, self.registry)
+                validate_all(instance)
+            except TraitError as exc:
+                raise TraitError(f"kernelspec {name!r} ({provisioner}): {exc}") from None
+
+    # -- serving -------------------------------------------------------------------------------
+    def web_app(self, state: ServerState) -> web.Application:
+        """The tornado application with every route under ``base_url``."""
+        handlers = [(self.base_url.rstrip("/") + pattern, handler) for pattern, handler in ROUTES]
+        settings = {
+            "base_url": self.base_url,
+            "auth_token": "" if self.allow_unauthenticated_access else self.auth_token,
+            "allow_unauthenticated_channels": self.allow_unauthenticated_channels,
+            "allow_origin": self.allow_origin,
+            "max_body_size": self.max_body_size,
+            "registry": self.registry,
+            "policy": self.policy,
+            "sessions": self.sessions,
+            "state": state,
+            "default_handler_class": NotFoundHandler,
+            "log_function": _log_request,
+            "websocket_ping_interval": self.ws_ping_interval or None,
+            "websocket_max_message_size": 64 * 1024 * 1024,
+            "serve_traceback": False,
+        }
+        return web.Application(handlers, **settings)
+
+    def start(self) -> None:
+        if self.subapp is not None:
+            self.subapp.start()
+            return
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        state = ServerState()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        server = httpserver.HTTPServer(self.web_app(state), max_body_size=self.max_body_size, xheaders=False)
+        try:
+            server.listen(self.port, self.ip)
+        except OSError as exc:
+            reason = "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be used: {exc.strerror}"
+            self.log.critical("port %s on %s %s", self.port, self.ip, reason)
+            print(f"kernel-gateway: port {self.port} on {self.ip} {reason}", file=sys.stderr)
+            raise SystemExit(1) from None
+        await self.registry.start()
+        await self.culler.start()
+        state.phase = "ready"
+        self._announce()
+        await stop.wait()
+        state.phase = "stopping"
+        self.log.info("shutting down: stopping %d kernels", len(self.registry.kernels))
+        server.stop()
+        await self.culler.stop()
+        await self.registry.stop()
+        await server.close_all_connections()
+        self.log.info("stopped")
+
+    def _announce(self) -> None:
+        url = f"http://{self.ip}:{self.port}{self.base_url}"
+        self.log.info("kernel gateway %s listening on %s", __version__, url)
+        if self.allow_unauthenticated_access:
+            self.log.warning("serving WITHOUT authentication: anyone who can reach %s can run code", url)
+            print(f"Kernel gateway running at {url} (no authentication)", flush=True)
+        elif self.generated_token:
+            # printed for the operator who started us, never logged
+            print(f"Kernel gateway running at {url}\n    token: {self.auth_token}\n"
+                  f"    jupyter lab --gateway-url={url} --GatewayClient.auth_token={self.auth_token}", flush=True)
+        else:
+            print(f"Kernel gateway running at {url} (token from configuration)", flush=True)
+
+
+_access_log = logging.getLogger("kernel_gateway.access")
+
+
+def _log_request(handler: web.RequestHandler) -> None:
+    status = handler.get_status()
+    level = logging.DEBUG if handler.request.path.endswith(("/healthz", "/readyz")) and status < 400 else logging.INFO
+    if status >= 500:
+        level = logging.ERROR
+    duration = 1000.0 * handler.request.request_time()
+    path = redact(handler.request.uri or "")
+    _access_log.log(level, "%d %s %s %.1fms", status, handler.request.method, path, duration,
+                    extra={"status": status, "method": handler.request.method, "path": path,
+                           "duration_ms": round(duration, 1)})
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point ``kernel-gateway``."""
+    started = time.monotonic()
+    app = GatewayApp.instance()
+    app.initialize(argv)
+    app.start()
+    logging.getLogger("kernel_gateway").debug("exited after %.1fs", time.monotonic() - started)

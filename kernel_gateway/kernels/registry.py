@@ -1,0 +1,314 @@
+"""The kernel registry: start, restart, interrupt and shut down kernels; per-user accounting.
+
+Each kernel is a jupyter_client ``AsyncKernelManager`` whose provisioner the kernelspec picks, so
+the registry never knows where a kernel runs. It raises the errors of ``kernel_gateway.errors``
+and ``provisioners.errors``; it knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+import zmq.asyncio
+from jupyter_client.ioloop import AsyncIOLoopKernelManager
+from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+from jupyter_client.manager import AsyncKernelManager
+from jupyter_core.paths import jupyter_runtime_dir
+from traitlets import Float, Instance, Integer, Type, Unicode
+
+from provisioners.envconfig import EnvConfigurable
+from provisioners.errors import LaunchError, LaunchTimeoutError, ProvisionerError
+
+from ..bridge import KernelBridge, KernelMessage
+from ..bridge.channels import UNTRACKED_PARENTS
+from ..errors import ConflictError, UnknownKernelError, UnknownKernelSpecError
+from ..policy import GatewayPolicy
+
+__all__ = ["KernelRegistry", "ManagedKernel"]
+
+log = logging.getLogger("kernel_gateway.kernels")
+
+
+def iso_utc(stamp: float) -> str:
+    """Format like jupyter_server expects: ``%Y-%m-%dT%H:%M:%S.%fZ``."""
+    return datetime.fromtimestamp(stamp, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class ManagedKernel:
+    """One kernel: its jupyter_client manager, websocket bridge, owner and activity."""
+
+    def __init__(self, kernel_id: str, name: str, user: str, km: AsyncKernelManager) -> None:
+        self.kernel_id = kernel_id
+        self.name = name
+        self.user = user
+        self.km = km
+        self.bridge: KernelBridge | None = None
+        self.execution_state = "starting"
+        self.busy_since: float | None = None
+        self.log = logging.LoggerAdapter(log, {"kernel_id": kernel_id})
+        self.lock = asyncio.Lock()  # one lifecycle action (restart, shutdown) at a time
+
+    @property
+    def last_activity(self) -> float:
+        return self.bridge.last_activity if self.bridge else time.time()
+
+    @property
+    def connections(self) -> int:
+        return self.bridge.connections if self.bridge else 0
+
+    def model(self) -> dict[str, Any]:
+        """The kernel model as Jupyter clients parse it."""
+        return {
+            "id": self.kernel_id,
+            "name": self.name,
+            "last_activity": iso_utc(self.last_activity),
+            "execution_state": self.execution_state,
+            "connections": self.connections,
+        }
+
+    def on_iopub(self, msg: KernelMessage) -> None:
+        """Track ``execution_state`` from status messages about user requests."""
+        if msg.msg_type != "status":
+            return
+        try:
+            parent_type = json.loads(msg.parts[1]).get("msg_type", "")
+            state = json.loads(msg.parts[3]).get("execution_state", "")
+        except (ValueError, AttributeError):
+            return
+        if parent_type in UNTRACKED_PARENTS and self.execution_state != "starting":
+            return
+        if state == "starting":
+            return
+        if state in ("idle", "busy"):
+            self.execution_state = state
+            self.busy_since = time.time() if state == "busy" else None
+
+
+class KernelRegistry(EnvConfigurable):
+    """All kernels of this gateway, keyed by id."""
+
+    kernel_manager_class = Type(
+        AsyncIOLoopKernelManager,
+        klass=AsyncKernelManager,
+        config=True,
+        help="The jupyter_client kernel manager class used for every kernel.",
+    )
+    default_kernel_name = Unicode(
+        "python3",
+        config=True,
+        help="Kernelspec started when a request names none (env: GATEWAY_DEFAULT_KERNEL_NAME).",
+    )
+    default_kernel_name_env = "GATEWAY_DEFAULT_KERNEL_NAME"
+    buffer_max_messages = Integer(
+        100_000,
+        config=True,
+        help="Messages kept per session while its client is disconnected; beyond it the oldest are dropped "
+        "and the client is told how many on reconnect (env: GATEWAY_BUFFER_MAX_MESSAGES).",
+    )
+    buffer_max_messages_env = "GATEWAY_BUFFER_MAX_MESSAGES"
+    detached_session_timeout = Float(
+        600.0,
+        config=True,
+        help="Seconds a disconnected client session keeps buffering before it is discarded "
+        "(env: GATEWAY_DETACHED_SESSION_TIMEOUT).",
+    )
+    detached_session_timeout_env = "GATEWAY_DETACHED_SESSION_TIMEOUT"
+    shutdown_timeout = Float(
+        10.0,
+        config=True,
+        help="Seconds a kernel gets to exit after shutdown_request before it is killed (env: GATEWAY_SHUTDOWN_TIMEOUT).",
+    )
+    shutdown_timeout_env = "GATEWAY_SHUTDOWN_TIMEOUT"
+
+    policy = Instance(GatewayPolicy)
+    kernel_spec_manager = Instance(KernelSpecManager)
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.kernels: dict[str, ManagedKernel] = {}
+        self._starting: dict[str, str] = {}  # kernel id -> user, for starts in flight
+        self._context: zmq.asyncio.Context | None = None
+        self._expiry: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        """Open the ZMQ context and the task that expires detached sessions. Called by the app."""
+        os.makedirs(jupyter_runtime_dir(), mode=0o700, exist_ok=True)
+        self._context = zmq.asyncio.Context()
+        self._expiry = asyncio.create_task(self._expire_sessions())
+
+    async def _expire_sessions(self) -> None:
+        while True:
+            await asyncio.sleep(min(30.0, self.detached_session_timeout / 2))
+            for kernel in list(self.kernels.values()):
+                if kernel.bridge:
+                    kernel.bridge.expire_sessions(self.detached_session_timeout)
+
+    async def stop(self) -> None:
+        """Shut every kernel down cleanly, then close the context. Called by the app on exit."""
+        if self._expiry:
+            self._expiry.cancel()
+        await asyncio.gather(*(self.shutdown(kid) for kid in list(self.kernels)), return_exceptions=True)
+        if self._context is not None:
+            self._context.destroy(linger=0)
+
+    # -- lookups -------------------------------------------------------------------------------
+    def get(self, kernel_id: str) -> ManagedKernel:
+        """Return the kernel ``kernel_id``; raise :class:`UnknownKernelError` if there is none."""
+        kernel = self.kernels.get(kernel_id)
+        if kernel is None:
+            raise UnknownKernelError(f"Kernel does not exist: {kernel_id}", kernel_id=kernel_id)
+        return kernel
+
+    def spec(self, name: str | None):
+        """Return the kernelspec ``name`` (default when None); raise :class:`UnknownKernelSpecError`."""
+        name = name or self.default_kernel_name
+        try:
+            return name, self.kernel_spec_manager.get_kernel_spec(name)
+        except NoSuchKernel:
+            raise UnknownKernelSpecError(f"Kernel spec {name!r} not found") from None
+
+    def count_for(self, user: str) -> tuple[int, int]:
+        """Kernels running or starting: in total, and for ``user``."""
+        owners = [k.user for k in self.kernels.values()] + list(self._starting.values())
+        return len(owners), owners.count(user)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def start_kernel(self, name: str | None, request_env: dict[str, str], user: str) -> ManagedKernel:
+        """Start a kernel of spec ``name`` for ``user`` and return it once it answers kernel_info.
+
+        Checks authorization and limits first; a start that fails or times out leaves nothing behind.
+        """
+        name, spec = self.spec(name)
+        self.policy.check_user(user, spec.metadata or {}, name)
+        total, mine = self.count_for(user)
+        self.policy.check_limits(total, user, mine)
+        timeout = self.policy.launch_timeout_for(request_env)
+        kernel_id = str(uuid.uuid4())
+        env = self.policy.kernel_env(request_env, user, kernel_id)
+        cwd = request_env.get("KERNEL_WORKING_DIR")
+        km = self.kernel_manager_class(
+            parent=self,
+            kernel_name=name,
+            kernel_spec_manager=self.kernel_spec_manager,
+            connection_file=os.path.join(jupyter_runtime_dir(), f"kernel-{kernel_id}.json"),
+            shutdown_wait_time=self.shutdown_timeout,
+        )
+        kernel = ManagedKernel(kernel_id, name, user, km)
+        self._starting[kernel_id] = user
+        started = time.monotonic()
+        try:
+            await self._launch(kernel, env, cwd if cwd and os.path.isdir(cwd) else None, timeout)
+        finally:
+            del self._starting[kernel_id]
+        self.kernels[kernel_id] = kernel
+        kernel.log.info("started kernel %s for user %r in %.2fs", name, user, time.monotonic() - started)
+        return kernel
+
+    async def _launch(self, kernel: ManagedKernel, env: dict[str, str], cwd: str | None, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        km = kernel.km
+        try:
+            await asyncio.wait_for(km.start_kernel(kernel_id=kernel.kernel_id, env=env, cwd=cwd), timeout)
+            kernel.bridge = KernelBridge(
+                kernel.kernel_id,
+                km.get_connection_info(session=False),
+                self._context,
+                kernel.on_iopub,
+                self.buffer_max_messages,
+            )
+            kernel.bridge.start()
+            await kernel.bridge.wait_ready(max(deadline - time.monotonic(), 0.1), km.is_alive)
+        except (asyncio.TimeoutError, TimeoutError):
+            await self._discard(kernel)
+            raise LaunchTimeoutError(
+                f"kernel {kernel.name!r} did not become ready within {timeout:g}s", kernel_id=kernel.kernel_id
+            ) from None
+        except ProvisionerError:
+            await self._discard(kernel)
+            raise
+        except Exception as exc:  # the provisioner or the kernel command failed; report the reason
+            await self._discard(kernel)
+            raise LaunchError(f"kernel {kernel.name!r} failed to start: {exc}", kernel_id=kernel.kernel_id) from exc
+        kernel.execution_state = "idle"
+        km.add_restart_callback(lambda: self._on_auto_restart(kernel), "restart")
+        km.add_restart_callback(lambda: self._on_dead(kernel), "dead")
+
+    async def _discard(self, kernel: ManagedKernel) -> None:
+        """Kill whatever a failed start left running."""
+        if kernel.bridge:
+            kernel.bridge.close()
+        try:
+            if kernel.km.has_kernel:
+                await kernel.km.shutdown_kernel(now=True)
+            else:
+                kernel.km.cleanup_resources()
+        except Exception:  # best effort: the start already failed, and that is what we report
+            kernel.log.warning("cleanup after a failed start did not finish", exc_info=True)
+
+    def _on_auto_restart(self, kernel: ManagedKernel) -> None:
+        kernel.log.warning("kernel died; restarted automatically")
+        kernel.execution_state = "restarting"
+        if kernel.bridge:
+            kernel.bridge.retarget(kernel.km.get_connection_info(session=False))
+            asyncio.ensure_future(kernel.bridge.broadcast_status("restarting"))
+
+    def _on_dead(self, kernel: ManagedKernel) -> None:
+        kernel.log.error("kernel died and could not be restarted")
+        kernel.execution_state = "dead"
+        if kernel.bridge:
+            asyncio.ensure_future(kernel.bridge.broadcast_status("dead"))
+
+    async def interrupt(self, kernel_id: str) -> None:
+        """Interrupt the kernel (signal or interrupt_request, as its spec says)."""
+        kernel = self.get(kernel_id)
+        kernel.log.info("interrupting")
+        await kernel.km.interrupt_kernel()
+
+    async def restart(self, kernel_id: str) -> ManagedKernel:
+        """Restart under the same id and wait until it answers again."""
+        kernel = self.get(kernel_id)
+        if kernel.lock.locked():
+            raise ConflictError(f"kernel {kernel_id} is already restarting or shutting down", kernel_id=kernel_id)
+        async with kernel.lock:
+            kernel.log.info("restarting")
+            kernel.execution_state = "restarting"
+            if kernel.bridge:
+                await kernel.bridge.broadcast_status("restarting")
+            try:
+                await kernel.km.restart_kernel(now=False)
+                assert kernel.bridge is not None
+                kernel.bridge.retarget(kernel.km.get_connection_info(session=False))
+                await kernel.bridge.wait_ready(self.policy.launch_timeout, kernel.km.is_alive)
+            except (asyncio.TimeoutError, TimeoutError):
+                kernel.execution_state = "dead"
+                raise LaunchTimeoutError(f"kernel did not come back within {self.policy.launch_timeout:g}s after restart",
+                                         kernel_id=kernel_id) from None
+            except ProvisionerError:
+                kernel.execution_state = "dead"
+                raise
+            except Exception as exc:  # the relaunch failed; the client gets the reason
+                kernel.execution_state = "dead"
+                raise LaunchError(f"restart failed: {exc}", kernel_id=kernel_id) from exc
+            kernel.execution_state = "idle"
+            return kernel
+
+    async def shutdown(self, kernel_id: str, now: bool = False) -> None:
+        """Shut the kernel down (shutdown_request, then kill after ``shutdown_timeout``) and forget it."""
+        kernel = self.get(kernel_id)
+        async with kernel.lock:
+            if kernel_id not in self.kernels:
+                return
+            kernel.log.info("shutting down")
+            del self.kernels[kernel_id]
+            try:
+                await kernel.km.shutdown_kernel(now=now)
+            finally:
+                if kernel.bridge:
+                    kernel.bridge.close()

@@ -1,0 +1,69 @@
+"""Log setup: text or JSON lines, every record about a kernel carrying its id, no secrets."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from typing import Any
+
+__all__ = ["JSONFormatter", "TextFormatter", "configure_logging", "kernel_logger", "redact"]
+
+_SECRET_QUERY = re.compile(r"(?i)([?&](?:token|access_token)=)[^&\s]*")
+
+
+def redact(text: str) -> str:
+    """Blank out token query parameters in a URL or message."""
+    return _SECRET_QUERY.sub(r"\1[redacted]", text)
+
+
+class TextFormatter(logging.Formatter):
+    """``[I 12:00:00.123 gateway] kernel=<id> message`` for terminals."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.created)) + f".{int(record.msecs):03d}"
+        kernel = getattr(record, "kernel_id", None)
+        prefix = f"[{record.levelname[0]} {stamp} {record.name}]"
+        message = redact(record.getMessage())
+        line = f"{prefix} kernel={kernel} {message}" if kernel else f"{prefix} {message}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object a line: time, level, logger, message, kernel_id when known."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": redact(record.getMessage()),
+        }
+        for key in ("kernel_id", "session_id", "user", "status", "method", "path", "duration_ms"):
+            value = getattr(record, key, None)
+            if value is not None:
+                entry[key] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: int | str, fmt: str) -> None:
+    """Send the gateway's, tornado's and jupyter_client's loggers to stderr in ``fmt`` ("text" or "json")."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for name in ("GatewayApp", "tornado", "traitlets"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = True
+
+
+def kernel_logger(logger: logging.Logger, kernel_id: str) -> logging.LoggerAdapter:
+    """A logger whose records name ``kernel_id``."""
+    return logging.LoggerAdapter(logger, {"kernel_id": kernel_id})

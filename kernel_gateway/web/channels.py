@@ -1,0 +1,118 @@
+"""Handler for ``/api/kernels/{id}/channels``: the kernel websocket (legacy JSON/binary and v1)."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+from urllib.parse import urlparse
+
+from tornado import web, websocket
+
+from ..bridge import V1_SUBPROTOCOL, FrameError, KernelMessage, client_message_to_parts, to_legacy_frame, to_v1_frame
+from ..bridge.channels import ChannelSession
+from .base import GatewayHandlerMixin
+from .kernels import KERNEL_ID
+
+log = logging.getLogger("kernel_gateway.web.channels")
+
+#: Bytes queued towards a slow client before the sender waits for it (back-pressure, not loss).
+WRITE_BACKLOG_LIMIT = 4 * 1024 * 1024
+
+
+class KernelChannelsHandler(GatewayHandlerMixin, websocket.WebSocketHandler):
+    """One client connection to a kernel's channels, attached to the bridge session ``session_id``."""
+
+    session: ChannelSession | None = None
+    _backlog = 0
+
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        if not self.settings["allow_unauthenticated_channels"]:
+            self.authenticate()
+        self.kernel = self.settings["registry"].get(kwargs["kernel_id"])
+        if self.kernel.bridge is None:
+            raise web.HTTPError(409, "kernel %s is not ready", self.kernel.kernel_id, reason="Conflict")
+        await super().get(*args, **kwargs)
+
+    def check_origin(self, origin: str) -> bool:
+        allowed = self.settings.get("allow_origin", "")
+        if allowed == "*" or origin in [o.strip() for o in allowed.split(",") if o.strip()]:
+            return True
+        return urlparse(origin).netloc.lower() == self.request.host.lower()
+
+    def select_subprotocol(self, subprotocols: list[str]) -> str | None:
+        return V1_SUBPROTOCOL if V1_SUBPROTOCOL in subprotocols else None
+
+    def get_compression_options(self) -> None:
+        return None
+
+    @property
+    def protocol(self) -> str:
+        return self.selected_subprotocol or "legacy"
+
+    async def open(self, kernel_id: str) -> None:
+        self.set_nodelay(True)  # replies are small and latency-bound: never wait for Nagle
+        client_session = self.get_query_argument("session_id", "")
+        session_id = client_session or uuid.uuid4().hex
+        self.log = logging.LoggerAdapter(log, {"kernel_id": kernel_id, "session_id": session_id})
+        bridge = self.kernel.bridge
+        self.session = bridge.session(session_id, retain=bool(client_session))
+        replay = self.session.attach(self)
+        self.log.info("client connected (%s protocol, %d buffered messages to replay)", self.protocol, len(replay))
+        for msg in replay:
+            await self.deliver(msg)
+
+    async def deliver(self, msg: KernelMessage) -> None:
+        """Write one kernel message in this client's protocol; wait only if the client falls far behind."""
+        if self.protocol == V1_SUBPROTOCOL:
+            payload, binary = to_v1_frame(msg), True
+        else:
+            payload, binary = to_legacy_frame(msg)
+        try:
+            future = self.write_message(payload, binary=binary)
+        except websocket.WebSocketClosedError:
+            if self.session is not None:
+                self.session.detach(self)
+                await self.session.deliver(msg)  # keep it for the client's return
+            return
+        size = len(payload)
+        self._backlog += size
+        future.add_done_callback(lambda _f: self._shrink(size))
+        if self._backlog > WRITE_BACKLOG_LIMIT:
+            try:
+                await future
+            except websocket.WebSocketClosedError:
+                pass
+
+    def _shrink(self, size: int) -> None:
+        self._backlog -= size
+
+    def end(self, reason: str) -> None:
+        """Close this connection because the session moved on (taken over, kernel gone)."""
+        self.log.info("closing client connection: %s", reason)
+        self.close(1000, reason[:120])
+
+    def on_message(self, message: str | bytes) -> None:
+        if self.session is None:
+            return
+        try:
+            channel, parts = client_message_to_parts(message, self.protocol)
+        except FrameError as exc:
+            self.log.warning("closing connection after a malformed frame: %s", exc)
+            self.close(1007, f"malformed message: {exc}"[:120])
+            return
+        self.session.send(channel, parts)
+
+    def on_close(self) -> None:
+        session = self.session
+        if session is None:
+            return
+        session.detach(self)
+        if not session.retain and session.sink is None and self.kernel.bridge is not None:
+            self.kernel.bridge.drop_session(session.session_id)
+        self.log.info("client disconnected%s", " (buffering output)" if session.retain else "")
+
+
+default_handlers = [
+    (rf"/api/kernels/{KERNEL_ID}/channels", KernelChannelsHandler),
+]

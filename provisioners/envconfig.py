@@ -1,0 +1,88 @@
+"""Environment-backed option defaults: one precedence rule for every configurable class.
+
+A class that mixes in :class:`EnvConfigurable` and declares ``<trait>_env = "GATEWAY_X"`` gets a
+dynamic default for ``<trait>`` that reads that environment variable (or its Enterprise Gateway
+alias from :data:`ALIASES`) when nothing else set the trait. Since traitlets consults a dynamic
+default only when neither constructor kwargs (kernelspec ``kernel_provisioner.config``) nor the
+config file / command line gave a value, precedence is always:
+
+    kernelspec config > config file / CLI > environment > built-in default
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from traitlets import TraitError
+from traitlets.config import LoggingConfigurable
+
+__all__ = ["ALIASES", "ENV_PREFIX", "EnvConfigurable", "env_value"]
+
+#: The one prefix of our environment variables.
+ENV_PREFIX = "GATEWAY_"
+
+#: Enterprise Gateway names accepted when ours is not set, so an EG deployment moves across.
+ALIASES: dict[str, str] = {
+    "GATEWAY_IP": "EG_IP",
+    "GATEWAY_PORT": "EG_PORT",
+    "GATEWAY_AUTH_TOKEN": "EG_AUTH_TOKEN",
+    "GATEWAY_BASE_URL": "EG_BASE_URL",
+    "GATEWAY_ALLOW_ORIGIN": "EG_ALLOW_ORIGIN",
+    "GATEWAY_DEFAULT_KERNEL_NAME": "EG_DEFAULT_KERNEL_NAME",
+    "GATEWAY_MAX_KERNELS": "EG_MAX_KERNELS",
+    "GATEWAY_MAX_KERNELS_PER_USER": "EG_MAX_KERNELS_PER_USER",
+    "GATEWAY_CLIENT_ENVS": "EG_CLIENT_ENVS",
+    "GATEWAY_INHERITED_ENVS": "EG_INHERITED_ENVS",
+    "GATEWAY_AUTHORIZED_USERS": "EG_AUTHORIZED_USERS",
+    "GATEWAY_UNAUTHORIZED_USERS": "EG_UNAUTHORIZED_USERS",
+    "GATEWAY_CULL_IDLE_TIMEOUT": "EG_CULL_IDLE_TIMEOUT",
+    "GATEWAY_CULL_INTERVAL": "EG_CULL_INTERVAL",
+    "GATEWAY_CULL_CONNECTED": "EG_CULL_CONNECTED",
+    "GATEWAY_PORT_RANGE": "EG_PORT_RANGE",
+    "GATEWAY_KERNEL_LAUNCH_TIMEOUT": "EG_KERNEL_LAUNCH_TIMEOUT",
+}
+
+
+def env_value(name: str) -> str | None:
+    """Return the value of ``name``, or of its Enterprise Gateway alias, or None when neither is set."""
+    if name in os.environ:
+        return os.environ[name]
+    alias = ALIASES.get(name)
+    if alias and alias in os.environ:
+        return os.environ[alias]
+    return None
+
+
+def _env_default(trait_name: str, env_name: str):
+    def default(self: Any) -> Any:
+        trait = self.traits()[trait_name]
+        raw = env_value(env_name)
+        if raw is None:
+            return trait.default_value
+        try:
+            if hasattr(trait, "from_string_list"):
+                items = [item.strip() for item in raw.split(",") if item.strip()]
+                return trait.from_string_list(items)
+            return trait.from_string(raw)
+        except (TraitError, ValueError) as exc:
+            raise TraitError(f"environment variable {env_name}={raw!r} is not valid for {trait_name}: {exc}") from exc
+
+    default.__name__ = f"_{trait_name}_default"
+    default.__doc__ = f"Read {env_name} when {trait_name} is not configured."
+    return default
+
+
+class EnvConfigurable(LoggingConfigurable):
+    """A configurable whose ``<trait>_env`` class attributes name the variable each trait reads.
+
+    Subclasses only declare the names; the defaults are generated once per class here, so every
+    option follows the same precedence and the same parsing (lists are comma-separated).
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in cls.class_trait_names():
+            env_name = getattr(cls, f"{name}_env", None)
+            if isinstance(env_name, str) and f"_{name}_default" not in cls.__dict__:
+                setattr(cls, f"_{name}_default", _env_default(name, env_name))

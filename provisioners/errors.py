@@ -1,0 +1,36 @@
+"""Errors raised by provisioners; no HTTP here, the server maps them to status codes.
+
+    ProvisionerError
+     ├── PortRangeError          a port range is malformed or exhausted
+     ├── LaunchError             a kernel could not be started (backend's reason attached)
+     │    └── LaunchTimeoutError the kernel did not become ready in time
+     └── BackendError            the backend (ssh, docker, yarn, kubernetes) failed a request
+"""
+
+from __future__ import annotations
+
+__all__ = ["BackendError", "LaunchError", "LaunchTimeoutError", "PortRangeError", "ProvisionerError"]
+
+
+class ProvisionerError(Exception):
+    """Root of every error a provisioner raises on purpose."""
+
+    def __init__(self, message: str, *, kernel_id: str | None = None) -> None:
+        super().__init__(message)
+        self.kernel_id = kernel_id
+
+
+class PortRangeError(ProvisionerError, ValueError):
+    """A port range is malformed, or has no free port left."""
+
+
+class LaunchError(ProvisionerError):
+    """A kernel could not be started."""
+
+
+class LaunchTimeoutError(LaunchError):
+    """A kernel did not become ready within its launch timeout."""
+
+
+class BackendError(ProvisionerError):
+    """The backend that runs kernels refused or failed a request."""

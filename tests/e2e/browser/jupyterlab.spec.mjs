@@ -1,0 +1,295 @@
+#!/usr/bin/env node
+// Browser end-to-end check: JupyterLab, served by jupyter_server in gateway mode, in headless Chromium.
+//
+// The kernel runs in the gateway under test; jupyter_server proxies REST and websocket traffic to it.
+// Steps: open a notebook, run a cell and read its output, interrupt a cell running time.sleep(60)
+// (Kernel menu), restart the kernel (Kernel menu + confirm dialog) and run a cell in the fresh kernel.
+//
+// Environment:
+//   LAB_URL        base URL of jupyter_server, e.g. http://127.0.0.1:8888   (required)
+//   LAB_TOKEN      jupyter_server token (IdentityProvider.token)             (required)
+//   NOTEBOOK       notebook path relative to the server root_dir (default e2e.ipynb; it must exist and
+//                  hold one empty code cell with a python3 kernelspec)
+//   SCREENSHOT     where to write a screenshot on failure (default <tmpdir>/jupyterlab-e2e-failure.png)
+//   CHROMIUM_PATH  browser binary (default /usr/bin/chromium)
+//   STEP_TIMEOUT_MS  timeout of each wait (default 30000); TOTAL_TIMEOUT_MS watchdog (default 150000)
+//
+// Exits 0 on success; on failure prints "FAIL: <step>: <reason>" plus page state, and exits 1.
+// Install the browser and node_modules with tests/services/install-browser.sh.
+
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+
+const INSTALL_HINT = 'run tests/services/install-browser.sh (installs Debian chromium and runs npm ci in tests/e2e/browser)';
+const LAB_URL = (process.env.LAB_URL || '').replace(/\/+$/, '');
+const LAB_TOKEN = process.env.LAB_TOKEN || '';
+const NOTEBOOK = process.env.NOTEBOOK || 'e2e.ipynb';
+const SCREENSHOT = process.env.SCREENSHOT || path.join(os.tmpdir(), 'jupyterlab-e2e-failure.png');
+const CHROMIUM_PATH = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
+const STEP_TIMEOUT = Number(process.env.STEP_TIMEOUT_MS || 30000);
+const TOTAL_TIMEOUT = Number(process.env.TOTAL_TIMEOUT_MS || 150000);
+const CHROMIUM_ARGS = [
+  '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+  '--disable-background-networking', '--disable-component-update', '--disable-sync',
+];
+
+const t0 = Date.now();
+const log = (msg) => console.log(`[${((Date.now() - t0) / 1000).toFixed(1).padStart(5)}s] ${msg}`);
+
+function die(msg) {
+  console.error(`FAIL: ${msg}`);
+  process.exit(1);
+}
+
+if (!LAB_URL || !LAB_TOKEN) die('setup: LAB_URL and LAB_TOKEN must be set');
+if (!fs.existsSync(CHROMIUM_PATH)) die(`setup: ${CHROMIUM_PATH} not found; ${INSTALL_HINT}`);
+let chromium;
+try {
+  ({ chromium } = await import('playwright-core'));
+} catch (err) {
+  die(`setup: cannot import playwright-core (${err.message}); ${INSTALL_HINT}`);
+}
+
+let step = 'launch chromium';
+let page;
+let context;
+const consoleErrors = [];
+const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'kg-e2e-chromium-'));
+
+// ---- page helpers --------------------------------------------------------------------------
+
+const CELLS = '.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-Cell';
+const cell = (i) => page.locator(CELLS).nth(i);
+const KERNEL_STATUS = '.jp-StatusBar-TextItem[title^="Change kernel"]';
+
+async function prompt(i) {
+  return ((await cell(i).locator('.jp-InputArea-prompt').textContent()) || '').replace(/\s+/g, '');
+}
+
+async function outputText(i) {
+  const out = cell(i).locator('.jp-OutputArea');
+  return (await out.count()) ? ((await out.first().innerText()) || '') : '';
+}
+
+// Poll a page-independent async condition (used for conditions spanning several locators).
+async function waitFor(what, predicate, timeout = STEP_TIMEOUT) {
+  const deadline = Date.now() + timeout;
+  let last;
+  for (;;) {
+    last = await predicate();
+    if (last) return last;
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeout} ms waiting for ${what}`);
+    await page.waitForTimeout(100); // poll interval of a condition wait, not synchronisation
+  }
+}
+
+async function kernelStatusText() {
+  const item = page.locator(KERNEL_STATUS);
+  return (await item.count()) ? ((await item.first().textContent()) || '').trim() : '';
+}
+
+async function waitKernelIdle(timeout = STEP_TIMEOUT) {
+  await waitFor('kernel status "Idle" in the status bar',
+    async () => / \| Idle$/.test(await kernelStatusText()), timeout);
+}
+
+// Record every value of the status bar's kernel status (catches short-lived "Restarting").
+async function installStatusRecorder() {
+  await page.evaluate((sel) => {
+    window.__kgStatus = [];
+    const record = () => {
+      const el = document.querySelector(sel);
+      const text = el ? el.textContent.trim() : '';
+      const seen = window.__kgStatus;
+      if (!seen.length || seen[seen.length - 1] !== text) seen.push(text);
+    };
+    record();
+    new MutationObserver(record).observe(document.querySelector('.jp-StatusBar-Widget') || document.body,
+      { subtree: true, childList: true, characterData: true, attributes: true });
+  }, KERNEL_STATUS);
+}
+const statusHistory = () => page.evaluate(() => window.__kgStatus || []);
+
+async function setCellCode(i, code) {
+  const editor = cell(i).locator('.jp-InputArea-editor .cm-content');
+  await editor.click();
+  await page.keyboard.press('Control+A');
+  await page.keyboard.type(code);
+  const got = (await editor.innerText()).replace(/\u00a0/g, ' ').trim();
+  if (got !== code) throw new Error(`cell ${i} editor holds ${JSON.stringify(got)}, expected ${JSON.stringify(code)}`);
+}
+
+// Run cell i in place (Ctrl+Enter) and wait until its prompt changes ("[ ]:" -> "[*]:" or "[n]:").
+// JupyterLab sometimes drops a run issued right when the kernel turns idle, so re-issue it if
+// the prompt did not change.
+async function startCell(i, attempts = 3) {
+  const before = await prompt(i);
+  for (let attempt = 1; attempt <= attempts; attempt++) {
+    await cell(i).locator('.jp-InputArea-editor .cm-content').click();
+    await page.keyboard.press('Control+Enter');
+    try {
+      await waitFor(`cell ${i} prompt to change from ${before}`, async () => (await prompt(i)) !== before, 5000);
+      if (attempt > 1) log(`cell ${i}: run started on attempt ${attempt}`);
+      return;
+    } catch {
+      log(`cell ${i}: prompt still ${before} after run #${attempt} (status: ${await kernelStatusText()}); re-issuing`);
+    }
+  }
+  throw new Error(`cell ${i} did not start after ${attempts} run attempts (prompt stayed ${before})`);
+}
+
+async function waitCellDone(i, expected, timeout = STEP_TIMEOUT) {
+  await waitFor(`cell ${i} to finish with output matching ${expected}`, async () => {
+    return /^\[\d+\]:$/.test(await prompt(i)) && expected.test(await outputText(i));
+  }, timeout);
+  return prompt(i);
+}
+
+async function insertCellBelow(i) {
+  const n = await page.locator(CELLS).count();
+  await cell(i).locator('.jp-InputArea-prompt').click(); // select cell i in command mode
+  await page.keyboard.press('Escape');
+  await page.keyboard.press('b');
+  await waitFor(`a new cell below cell ${i}`, async () => (await page.locator(CELLS).count()) === n + 1, 5000);
+}
+
+async function kernelMenu(itemLabel) {
+  await page.locator('.lm-MenuBar-item', { has: page.locator('.lm-MenuBar-itemLabel', { hasText: /^Kernel$/ }) }).click();
+  const item = page.locator('.lm-Menu .lm-Menu-item', {
+    has: page.locator('.lm-Menu-itemLabel', { hasText: itemLabel }),
+  });
+  await item.first().waitFor({ state: 'visible', timeout: 5000 });
+  await item.first().click();
+}
+
+async function describePage() {
+  if (!page) return '(no page)';
+  const lines = [`url: ${page.url()}`];
+  try {
+    lines.push(`kernel status: ${JSON.stringify(await kernelStatusText())}`);
+    lines.push(`status history: ${JSON.stringify(await statusHistory())}`);
+    const n = await page.locator(CELLS).count();
+    for (let i = 0; i < n; i++) {
+      const src = (await cell(i).locator('.jp-InputArea-editor').innerText()).trim();
+      lines.push(`cell ${i} ${await prompt(i)} ${JSON.stringify(src)} -> ${JSON.stringify((await outputText(i)).slice(0, 300))}`);
+    }
+    const dialogs = await page.locator('.jp-Dialog').allInnerTexts();
+    if (dialogs.length) lines.push(`dialogs: ${JSON.stringify(dialogs)}`);
+  } catch (err) {
+    lines.push(`(page state unavailable: ${err.message})`);
+  }
+  if (consoleErrors.length) lines.push(`browser console errors:\n  ${consoleErrors.slice(-15).join('\n  ')}`);
+  return lines.join('\n');
+}
+
+// ---- the test ------------------------------------------------------------------------------
+
+async function run() {
+  context = await chromium.launchPersistentContext(userDataDir, {
+    executablePath: CHROMIUM_PATH,
+    headless: true,
+    args: CHROMIUM_ARGS,
+    viewport: { width: 1400, height: 900 },
+  });
+  page = context.pages()[0] || (await context.newPage());
+  page.setDefaultTimeout(STEP_TIMEOUT);
+  page.on('console', (m) => { if (m.type() === 'error') consoleErrors.push(m.text().slice(0, 300)); });
+  page.on('pageerror', (e) => consoleErrors.push(`pageerror: ${e.message.slice(0, 300)}`));
+
+  step = 'open notebook';
+  const url = `${LAB_URL}/lab/tree/${NOTEBOOK.split('/').map(encodeURIComponent).join('/')}?token=${encodeURIComponent(LAB_TOKEN)}`;
+  log(`opening ${url.replace(/token=[^&]+/, 'token=***')}`);
+  await page.goto(url, { timeout: 60000 });
+  await cell(0).waitFor({ state: 'visible', timeout: 60000 });
+  await page.locator('.jp-StatusBar-Widget').waitFor({ timeout: 60000 });
+  await installStatusRecorder();
+  await waitKernelIdle(60000);
+  log(`notebook open, kernel: ${await kernelStatusText()}`);
+
+  step = 'run a cell and see its output';
+  await setCellCode(0, 'marker = 6 * 7; print("e2e-output", marker)');
+  await startCell(0);
+  const p0 = await waitCellDone(0, /e2e-output 42/);
+  log(`cell 0 ran: ${p0} ${JSON.stringify((await outputText(0)).trim())}`);
+
+  step = 'interrupt a running cell';
+  await insertCellBelow(0);
+  await setCellCode(1, 'import time; print("sleeping", flush=True); time.sleep(60)');
+  await startCell(1);
+  await waitFor('cell 1 to be running (prompt [*], output "sleeping")',
+    async () => (await prompt(1)) === '[*]:' && /sleeping/.test(await outputText(1)));
+  const tInterrupt = Date.now();
+  await kernelMenu(/^Interrupt Kernel$/);
+  const p1 = await waitCellDone(1, /KeyboardInterrupt/);
+  const interruptSecs = (Date.now() - tInterrupt) / 1000;
+  if (interruptSecs > 20) throw new Error(`interrupt took ${interruptSecs}s`);
+  await waitKernelIdle();
+  log(`cell 1 interrupted after ${interruptSecs.toFixed(1)}s: ${p1} KeyboardInterrupt`);
+
+  step = 'restart the kernel';
+  const mark = (await statusHistory()).length;
+  await kernelMenu(/^Restart Kernel/);
+  const dialog = page.locator('.jp-Dialog');
+  await dialog.waitFor({ state: 'visible', timeout: 5000 });
+  const title = (await dialog.locator('.jp-Dialog-header').innerText()).trim();
+  if (!/restart/i.test(title)) throw new Error(`unexpected dialog ${JSON.stringify(title)}`);
+  await dialog.locator('button.jp-mod-accept').click();
+  await dialog.waitFor({ state: 'detached', timeout: 5000 });
+  // The status bar must pass through a non-idle state (restarting/starting) and come back to Idle.
+  await waitFor('kernel status to leave Idle after the restart', async () =>
+    (await statusHistory()).slice(mark).some((s) => !/ \| Idle$/.test(s)));
+  await waitFor('kernel status back to Idle after the restart', async () => {
+    const hist = (await statusHistory()).slice(mark);
+    const firstBusy = hist.findIndex((s) => !/ \| Idle$/.test(s));
+    return firstBusy >= 0 && hist.slice(firstBusy).some((s) => / \| Idle$/.test(s))
+      && / \| Idle$/.test(await kernelStatusText());
+  }, 60000);
+  log(`kernel restarted, status went ${JSON.stringify((await statusHistory()).slice(mark))}`);
+
+  step = 'run a cell after the restart';
+  await insertCellBelow(1);
+  await setCellCode(2, 'print("after-restart", "marker" in globals(), 6 * 7)');
+  await startCell(2);
+  const p2 = await waitCellDone(2, /after-restart False 42/);
+  log(`cell 2 ran in the fresh kernel: ${p2} ${JSON.stringify((await outputText(2)).trim())}`);
+}
+
+let failed = null;
+const watchdog = setTimeout(() => { failed = failed || new Error(`total timeout ${TOTAL_TIMEOUT} ms`); finish(); }, TOTAL_TIMEOUT);
+let finishing = false;
+
+async function finish() {
+  if (finishing) return;
+  finishing = true;
+  clearTimeout(watchdog);
+  let code = 0;
+  if (failed) {
+    code = 1;
+    const state = await Promise.race([describePage(), new Promise((r) => setTimeout(() => r('(page state timed out)'), 10000))]);
+    try {
+      if (page) {
+        fs.mkdirSync(path.dirname(SCREENSHOT), { recursive: true });
+        await page.screenshot({ path: SCREENSHOT, fullPage: true, timeout: 10000 });
+        console.error(`screenshot: ${SCREENSHOT}`);
+      }
+    } catch (err) {
+      console.error(`(screenshot failed: ${err.message})`);
+    }
+    console.error(`FAIL: ${step}: ${failed.message.split('\n')[0]}\n${state}`);
+  } else {
+    log('PASS: open notebook, run cell, interrupt, restart, run cell');
+  }
+  try {
+    if (context) await Promise.race([context.close(), new Promise((r) => setTimeout(r, 10000))]);
+  } catch { /* browser already gone */ }
+  fs.rmSync(userDataDir, { recursive: true, force: true });
+  process.exit(code);
+}
+
+try {
+  await run();
+} catch (err) {
+  failed = err;
+}
+await finish();

@@ -1,0 +1,1 @@
+"""Services the tests start for themselves: the gateway under test and the clusters it drives."""
