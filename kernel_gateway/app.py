@@ -183,7 +183,6 @@ class GatewayApp(EnvConfigurable, Application):
         try:
             self._initialize(argv)
         except (TraitError, ValueError, OSError) as exc:
-            logging.getLogger(self.name).critical("configuration error: %s", exc)
             print(f"kernel-gateway: configuration error: {exc}", file=sys.stderr)
             self.exit(2)
 
@@ -285,7 +284,6 @@ class GatewayApp(EnvConfigurable, Application):
         except OSError as exc:
             reason = "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be used: {exc.strerror}"
             self.log.critical("port %s on %s %s", self.port, self.ip, reason)
-            print(f"kernel-gateway: port {self.port} on {self.ip} {reason}", file=sys.stderr)
             raise SystemExit(1) from None
         await self.registry.start()
         await self.culler.start()

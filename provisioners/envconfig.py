@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from traitlets import TraitError
+from traitlets import TraitError, TraitType
 from traitlets.config import LoggingConfigurable
 
 __all__ = ["ALIASES", "ENV_PREFIX", "EnvConfigurable", "env_value"]
@@ -59,7 +59,7 @@ def _env_default(trait_name: str, env_name: str):
         trait = self.traits()[trait_name]
         raw = env_value(env_name)
         if raw is None:
-            return trait.default_value
+            return trait.default()
         try:
             if hasattr(trait, "from_string_list"):
                 items = [item.strip() for item in raw.split(",") if item.strip()]
@@ -82,7 +82,12 @@ class EnvConfigurable(LoggingConfigurable):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        for name in cls.class_trait_names():
+        # runs before traitlets' setup_class, which then picks the generated _<name>_default up
+        for name in dir(cls):
             env_name = getattr(cls, f"{name}_env", None)
-            if isinstance(env_name, str) and f"_{name}_default" not in cls.__dict__:
+            if (
+                isinstance(env_name, str)
+                and isinstance(getattr(cls, name, None), TraitType)
+                and f"_{name}_default" not in cls.__dict__
+            ):
                 setattr(cls, f"_{name}_default", _env_default(name, env_name))

@@ -1,0 +1,132 @@
+"""Small synchronous clients for the gateway's REST API and kernel websocket, used by the tests."""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+import uuid
+import urllib.error
+import urllib.request
+from typing import Any
+
+import websocket  # websocket-client
+
+from .gateway import GatewayServer
+
+
+def call(
+    gw: GatewayServer,
+    method: str,
+    path: str,
+    body: Any = None,
+    *,
+    headers: dict[str, str] | None = None,
+    auth: bool = True,
+    raw: bytes | None = None,
+    timeout: float = 60,
+) -> tuple[int, Any, dict[str, str]]:
+    """Send one request; return ``(status, parsed JSON body or raw bytes, headers)`` for any status."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    hdrs = dict(gw.headers if auth else {})
+    if data is not None and raw is None:
+        hdrs["Content-Type"] = "application/json"
+    hdrs.update(headers or {})
+    req = urllib.request.Request(gw.url + path, data=data, method=method, headers=hdrs)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status, payload, rh = resp.status, resp.read(), dict(resp.headers)
+    except urllib.error.HTTPError as err:
+        status, payload, rh = err.code, err.read(), dict(err.headers)
+    if rh.get("Content-Type", "").startswith("application/json") and payload:
+        return status, json.loads(payload), rh
+    return status, payload, rh
+
+
+def start_kernel(gw: GatewayServer, name: str | None = None, env: dict | None = None) -> str:
+    """Start a kernel and return its id; fail the test with the gateway's message otherwise."""
+    status, body, _ = call(gw, "POST", "/api/kernels", {"name": name, "env": env or {}})
+    assert status == 201, (status, body)
+    return body["id"]
+
+
+def decode_legacy_binary(frame: bytes) -> dict:
+    """Decode a legacy binary frame (u32 BE count, offsets, JSON, buffers) written independently of the server."""
+    count = struct.unpack_from(">I", frame)[0]
+    offsets = list(struct.unpack_from(f">{count}I", frame, 4)) + [len(frame)]
+    msg = json.loads(frame[offsets[0]:offsets[1]])
+    msg["buffers"] = [frame[offsets[i]:offsets[i + 1]] for i in range(1, count)]
+    return msg
+
+
+def make_msg(msg_type: str, content: dict, channel: str | None = "shell", session: str = "test") -> dict:
+    msg = {
+        "header": {"msg_id": uuid.uuid4().hex, "msg_type": msg_type, "username": "test", "session": session,
+                   "version": "5.3", "date": ""},
+        "parent_header": {},
+        "metadata": {},
+        "content": content,
+        "buffers": [],
+    }
+    if channel:
+        msg["channel"] = channel
+    return msg
+
+
+class KernelWS:
+    """A legacy-protocol websocket to one kernel: send requests, collect replies by parent msg_id."""
+
+    def __init__(self, gw: GatewayServer, kernel_id: str, session_id: str | None = None, *, auth: bool = True,
+                 timeout: float = 30, **kwargs: Any) -> None:
+        query = f"?session_id={session_id}" if session_id else ""
+        header = [f"{k}: {v}" for k, v in (gw.headers if auth else {}).items()]
+        self.ws = websocket.create_connection(
+            f"{gw.ws_url}/api/kernels/{kernel_id}/channels{query}", header=header, timeout=timeout, **kwargs
+        )
+        self.pending: list[dict] = []
+
+    def send(self, msg: dict) -> str:
+        self.ws.send(json.dumps(msg))
+        return msg["header"]["msg_id"]
+
+    def execute(self, code: str, **content: Any) -> str:
+        return self.send(make_msg("execute_request", {"code": code, "silent": False, "store_history": False,
+                                                      "user_expressions": {}, "allow_stdin": False, **content}))
+
+    def recv(self, timeout: float = 30) -> dict:
+        self.ws.settimeout(timeout)
+        frame = self.ws.recv()
+        if isinstance(frame, bytes):
+            return decode_legacy_binary(frame)
+        return json.loads(frame)
+
+    def collect(self, msg_id: str, timeout: float = 60) -> list[dict]:
+        """Messages whose parent is ``msg_id``, until both its reply and its idle status arrived."""
+        deadline = time.monotonic() + timeout
+        got, reply, idle = [], False, False
+        while not (reply and idle):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no reply and idle for {msg_id}; got {[m['msg_type'] for m in got]}")
+            msg = self.recv(remaining)
+            if msg.get("parent_header", {}).get("msg_id") != msg_id:
+                continue
+            got.append(msg)
+            reply = reply or msg["msg_type"].endswith("_reply")
+            idle = idle or (msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle")
+        return got
+
+    def run(self, code: str, timeout: float = 60) -> tuple[str, list[dict]]:
+        """Execute ``code``; return its stdout text and all its messages."""
+        msgs = self.collect(self.execute(code), timeout)
+        out = "".join(m["content"]["text"] for m in msgs if m["msg_type"] == "stream" and m["content"]["name"] == "stdout")
+        return out, msgs
+
+    def close(self) -> None:
+        self.ws.close()
+
+    def __enter__(self) -> KernelWS:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
