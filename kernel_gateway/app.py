@@ -85,6 +85,7 @@ class GatewayApp(EnvConfigurable, Application):
     aliases = aliases
     flags = flags
     subcommands = {
+        "specs": ("provisioners.specs.SpecsApp", "Write kernelspecs for our provisioners (specs install ssh ...)."),
         "config-reference": (
             "kernel_gateway.config_reference.ConfigReferenceApp",
             "Print the configuration reference (every option, its environment variable and default).",

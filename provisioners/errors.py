@@ -2,6 +2,7 @@
 
     ProvisionerError
      ├── PortRangeError          a port range is malformed or exhausted
+     ├── LaunchRequestError      the start request asks for something not allowed (bad host, image, ...)
      ├── LaunchError             a kernel could not be started (backend's reason attached)
      │    └── LaunchTimeoutError the kernel did not become ready in time
      └── BackendError            the backend (ssh, docker, yarn, kubernetes) failed a request
@@ -9,7 +10,14 @@
 
 from __future__ import annotations
 
-__all__ = ["BackendError", "LaunchError", "LaunchTimeoutError", "PortRangeError", "ProvisionerError"]
+__all__ = [
+    "BackendError",
+    "LaunchError",
+    "LaunchRequestError",
+    "LaunchTimeoutError",
+    "PortRangeError",
+    "ProvisionerError",
+]
 
 
 class ProvisionerError(Exception):
@@ -22,6 +30,10 @@ class ProvisionerError(Exception):
 
 class PortRangeError(ProvisionerError, ValueError):
     """A port range is malformed, or has no free port left."""
+
+
+class LaunchRequestError(ProvisionerError):
+    """The start request asks for something the operator does not allow."""
 
 
 class LaunchError(ProvisionerError):

@@ -109,6 +109,10 @@ class PortAllocator:
             f"({len(self._reserved & set(range(port_range.low, port_range.high + 1)))} held by running kernels)"
         )
 
+    def reserve(self, port: int) -> None:
+        """Mark a port bound by someone in this process (e.g. the response listener) as taken."""
+        self._reserved.add(port)
+
     def release(self, ports: list[int] | tuple[int, ...]) -> None:
         """Give ports back; unknown ports are ignored."""
         self._reserved.difference_update(ports)

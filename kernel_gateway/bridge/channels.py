@@ -125,17 +125,25 @@ class ChannelSession:
         self.bridge.touch()
         self._sockets[channel].send_multipart([DELIMITER, signature, *parts], copy=False)
 
-    def close(self, reason: str = "") -> None:
-        """Close the sockets; an attached client is disconnected with ``reason``."""
-        if self.sink is not None and reason:
-            self.sink.end(reason)
-        self.sink = None
+    def reconnect(self) -> None:
+        """Reopen the sockets towards new connection info; the attached client and the buffer stay."""
+        self._close_sockets()
+        self.open()
+
+    def _close_sockets(self) -> None:
         for task in self._readers:
             task.cancel()
         for sock in self._sockets.values():
             sock.close(linger=0)
         self._readers.clear()
         self._sockets.clear()
+
+    def close(self, reason: str = "") -> None:
+        """Close the sockets and forget the buffer; an attached client is disconnected with ``reason``."""
+        if self.sink is not None and reason:
+            self.sink.end(reason)
+        self.sink = None
+        self._close_sockets()
         self._buffer.clear()
 
 
@@ -276,8 +284,7 @@ class KernelBridge:
         self._close_iopub()
         self.start()
         for session in self.sessions.values():
-            session.close()
-            session.open()
+            session.reconnect()
 
     async def broadcast_status(self, state: str) -> None:
         """Tell every session the kernel is ``restarting`` or ``dead`` (the kernel cannot say so itself)."""

@@ -253,11 +253,34 @@ class KernelRegistry(EnvConfigurable):
             kernel.log.warning("cleanup after a failed start did not finish", exc_info=True)
 
     def _on_auto_restart(self, kernel: ManagedKernel) -> None:
-        kernel.log.warning("kernel died; restarted automatically")
+        """The restarter found the kernel dead and is about to start it again (it calls us first)."""
+        kernel.log.warning("kernel died; restarting it automatically")
         kernel.execution_state = "restarting"
         if kernel.bridge:
-            kernel.bridge.retarget(kernel.km.get_connection_info(session=False))
             asyncio.ensure_future(kernel.bridge.broadcast_status("restarting"))
+        asyncio.ensure_future(self._follow_auto_restart(kernel, kernel.km.ready))
+
+    async def _follow_auto_restart(self, kernel: ManagedKernel, previous: Any) -> None:
+        """Once the restarter's new start finishes, point the bridge at the kernel's new ports."""
+        km = kernel.km
+        deadline = time.monotonic() + self.policy.launch_timeout
+
+        async def restarted() -> bool:
+            # the restarter shuts the dead kernel down (shutting_down), then starts it (a new pending `ready`)
+            return km.ready is not previous and km.ready.done() and not km.shutting_down and await km.is_alive()
+
+        try:
+            while not await restarted():
+                if time.monotonic() > deadline or kernel.kernel_id not in self.kernels:
+                    raise TimeoutError("the kernel did not come back")
+                await asyncio.sleep(0.1)
+            if kernel.bridge:
+                kernel.bridge.retarget(km.get_connection_info(session=False))
+                await kernel.bridge.wait_ready(max(deadline - time.monotonic(), 1.0), km.is_alive)
+            kernel.execution_state = "idle"
+            kernel.log.info("kernel is back after the automatic restart")
+        except Exception as exc:  # the restarter reports a final failure through the 'dead' callback
+            kernel.log.warning("automatic restart did not complete: %s", str(exc) or type(exc).__name__)
 
     def _on_dead(self, kernel: ManagedKernel) -> None:
         kernel.log.error("kernel died and could not be restarted")

@@ -13,7 +13,7 @@ from typing import Any
 
 from tornado import httputil, web
 
-from provisioners.errors import LaunchTimeoutError, ProvisionerError
+from provisioners.errors import LaunchRequestError, LaunchTimeoutError, ProvisionerError
 
 from .. import errors
 from ..logs import redact
@@ -32,6 +32,7 @@ STATUS_FOR: dict[type[BaseException], int] = {
     errors.PayloadTooLargeError: 413,
     errors.LimitError: 429,
     errors.NotReadyError: 503,
+    LaunchRequestError: 400,
     LaunchTimeoutError: 504,
     ProvisionerError: 502,
 }

@@ -1,0 +1,251 @@
+"""The remote provisioner contract: launch a launcher somewhere, wait for its handshake, connect.
+
+Subclasses (SSH, Docker, YARN, Kubernetes) implement how a launcher is started, watched and
+killed; this base does the rest the same way for all of them: argv placeholders, the launch
+token, waiting for the encrypted connection info with the launch timeout (failing early, with the
+backend's diagnostics, when the backend reports the launch dead), signals through the launcher's
+authenticated control port, and cleanup that leaves nothing running after a failed start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import secrets
+import signal
+import time
+from abc import abstractmethod
+from typing import Any
+
+from jupyter_client.provisioning import KernelProvisionerBase
+from traitlets import Float, TraitError, Unicode, validate
+
+from .envconfig import EnvConfigurable
+from .errors import BackendError, LaunchError, LaunchTimeoutError, PortRangeError
+from .handshake import LaunchInfo, ResponseListener
+from .ports import parse_port_range
+
+__all__ = ["RemoteProvisioner", "control_request"]
+
+#: Variables of the gateway host that make no sense on another host.
+HOST_ONLY_ENV = frozenset(("PATH", "HOME", "PWD", "OLDPWD", "SHELL", "TMPDIR", "JPY_PARENT_PID"))
+
+
+async def control_request(host: str, port: int, key: bytes, request: dict[str, Any], timeout: float = 5.0) -> None:
+    """Send one authenticated request to a launcher's control port; raise :class:`BackendError` on failure."""
+    nonce, stamp = secrets.token_hex(16), int(time.time())
+    body = f"{nonce}{stamp}".encode() + json.dumps(request, sort_keys=True, separators=(",", ":")).encode()
+    message = {"request": request, "nonce": nonce, "time": stamp, "mac": hmac.new(key, body, hashlib.sha256).hexdigest()}
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        try:
+            writer.write(json.dumps(message).encode() + b"\n")
+            await writer.drain()
+            reply = json.loads(await asyncio.wait_for(reader.readline(), timeout) or b"{}")
+        finally:
+            writer.close()
+    except (OSError, asyncio.TimeoutError, ValueError) as exc:
+        raise BackendError(f"launcher control port {host}:{port} did not answer: {exc or type(exc).__name__}") from exc
+    if not reply.get("ok"):
+        raise BackendError(f"launcher refused the request: {reply.get('error', 'no reason given')}")
+
+
+class RemoteProvisioner(KernelProvisionerBase, EnvConfigurable):  # type: ignore[misc]
+    """Base of every provisioner whose kernel runs under a launcher on another host or in a container.
+
+    The kernelspec's argv runs the launcher; these placeholders are substituted: ``{kernel_id}``,
+    ``{response_address}``, ``{public_key}``, ``{port_range}``, ``{kernel_class_name}``.
+    """
+
+    port_range = Unicode(
+        "",
+        config=True,
+        help="Ports the remote kernel and its launcher may listen on, 'low..high'; empty means any "
+        "(env: GATEWAY_PORT_RANGE).",
+    )
+    port_range_env = "GATEWAY_PORT_RANGE"
+    launch_timeout = Float(
+        60.0,
+        config=True,
+        help="Seconds to wait for the launcher's connection info; a client's KERNEL_LAUNCH_TIMEOUT, already "
+        "capped by the gateway, overrides it (env: GATEWAY_KERNEL_LAUNCH_TIMEOUT).",
+    )
+    launch_timeout_env = "GATEWAY_KERNEL_LAUNCH_TIMEOUT"
+    response_host = Unicode(
+        "",
+        config=True,
+        help="Host name or address launchers use to reach the response listener; empty lets the backend pick "
+        "the local address of its connection to the kernel's host (env: GATEWAY_RESPONSE_HOST).",
+    )
+    response_host_env = "GATEWAY_RESPONSE_HOST"
+    kernel_class_name = Unicode(
+        "ipykernel.ipkernel.IPythonKernel",
+        config=True,
+        help="Kernel class the Python launcher runs (env: GATEWAY_KERNEL_CLASS_NAME).",
+    )
+    kernel_class_name_env = "GATEWAY_KERNEL_CLASS_NAME"
+
+    launch_info: LaunchInfo | None = None
+    _token: str | None = None
+
+    @validate("port_range")
+    def _check_port_range(self, proposal: dict[str, Any]) -> str:
+        try:
+            parse_port_range(proposal["value"])
+        except PortRangeError as exc:
+            raise TraitError(str(exc)) from exc
+        return proposal["value"].strip()
+
+    @property
+    def listener(self) -> ResponseListener:
+        return ResponseListener.instance(parent=self)
+
+    # -- what a backend implements -----------------------------------------------------------------
+    @abstractmethod
+    async def start_launcher(self, cmd: list[str], env: dict[str, str], token: str) -> None:
+        """Start ``cmd`` on the backend with ``env``, handing it ``token`` without putting it on a command line.
+
+        Called from :meth:`launch_kernel`; raise :class:`LaunchError` (or a subclass) with the backend's reason.
+        """
+
+    @abstractmethod
+    def launcher_exit_status(self) -> int | None:
+        """The launcher's exit status if it has ended, else None. Must not block: read shared watcher state."""
+
+    @abstractmethod
+    async def kill_launcher(self) -> None:
+        """Forcefully end the launcher and its kernel on the backend; must succeed if already gone."""
+
+    async def launch_diagnostics(self) -> str:
+        """Text that helps explain a failed launch (e.g. the tail of the remote log); '' when none."""
+        return ""
+
+    async def advertised_host(self) -> str:
+        """The address launchers should use for the response listener. Override to pick it per backend."""
+        return self.response_host or "127.0.0.1"
+
+    # -- the provisioner contract --------------------------------------------------------------------
+    @property
+    def has_process(self) -> bool:
+        return self.launch_info is not None or self._token is not None
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        """Start the listener, register the launch, substitute argv placeholders.
+
+        Called by ``KernelManager.pre_start_kernel`` before every (re)start; calls ``super()`` last.
+        """
+        await self.listener.start()
+        self.launch_info = None
+        self._token = self.listener.register(self.kernel_id)
+        host = await self.advertised_host()
+        values = {
+            "kernel_id": self.kernel_id,
+            "response_address": f"{host}:{self.listener.port}",
+            "public_key": self.public_key_for_argv(),
+            "port_range": self.port_range or "0..0",
+            "kernel_class_name": self.kernel_class_name,
+        }
+        cmd = [_substitute(arg, values) for arg in self.kernel_spec.argv]
+        kwargs.pop("extra_arguments", None)
+        return await super().pre_launch(cmd=cmd, **kwargs)
+
+    def public_key_for_argv(self) -> str:
+        """``{public_key}``: ours, or the RSA key when the spec runs an Enterprise Gateway launcher."""
+        if any("RemoteProcessProxy" in arg for arg in self.kernel_spec.argv):
+            return self.listener.eg_public_key
+        return self.listener.public_key
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> dict[str, Any]:
+        """Start the launcher and wait for its connection info; kill everything if that fails."""
+        env = {k: v for k, v in kwargs.get("env", {}).items() if k not in HOST_ONLY_ENV}
+        timeout = _timeout(env.get("KERNEL_LAUNCH_TIMEOUT"), self.launch_timeout)
+        assert self._token is not None
+        try:
+            await self.start_launcher(cmd, env, self._token)
+            self.launch_info = await self._await_handshake(timeout)
+        except BaseException:
+            self.listener.unregister(self.kernel_id)
+            await self.kill_launcher()
+            raise
+        self._token = None
+        self.connection_info = dict(self.launch_info.connection_info)
+        if isinstance(self.connection_info.get("key"), str):
+            self.connection_info["key"] = self.connection_info["key"].encode()  # jupyter_client compares bytes
+        self.log.info("kernel %s connected from %s", self.kernel_id, self.launch_info.hostname or self.connection_info.get("ip"))
+        return self.connection_info
+
+    async def _await_handshake(self, timeout: float) -> LaunchInfo:
+        deadline = time.monotonic() + timeout
+        handshake = asyncio.ensure_future(self.listener.wait(self.kernel_id))
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    detail = await self.launch_diagnostics()
+                    raise LaunchTimeoutError(
+                        f"kernel {self.kernel_id}: no connection info from the launcher within {timeout:g}s"
+                        + (f"; {detail}" if detail else ""), kernel_id=self.kernel_id)
+                done, _ = await asyncio.wait({handshake}, timeout=min(0.5, remaining))
+                if done:
+                    return handshake.result()
+                status = self.launcher_exit_status()
+                if status is not None:
+                    detail = await self.launch_diagnostics()
+                    raise LaunchError(
+                        f"kernel {self.kernel_id}: the launcher exited with status {status} before reporting"
+                        + (f"; {detail}" if detail else ""), kernel_id=self.kernel_id)
+        finally:
+            handshake.cancel()
+
+    async def poll(self) -> int | None:
+        """None while the launcher runs, else its exit status (from the backend's shared watcher)."""
+        return self.launcher_exit_status()
+
+    async def wait(self) -> int | None:
+        while (status := self.launcher_exit_status()) is None:
+            await asyncio.sleep(0.2)
+        return status
+
+    async def send_signal(self, signum: int) -> None:
+        """Deliver ``signum`` through the launcher's authenticated control port."""
+        info = self.launch_info
+        if info is None or info.control_port is None or info.control_key is None:
+            raise BackendError(f"kernel {self.kernel_id} has no launcher control port to signal")
+        await control_request(self.connection_info["ip"], info.control_port, info.control_key, {"signum": int(signum)})
+
+    async def kill(self, restart: bool = False) -> None:
+        await self.kill_launcher()
+
+    async def terminate(self, restart: bool = False) -> None:
+        try:
+            await self.send_signal(signal.SIGTERM)
+        except BackendError:
+            await self.kill_launcher()
+
+    async def cleanup(self, restart: bool = False) -> None:
+        self.listener.unregister(self.kernel_id)
+        self.launch_info = None
+        self._token = None
+
+    def get_provisioner_info(self) -> dict[str, Any]:
+        info = super().get_provisioner_info()
+        if self.launch_info is not None:
+            info.update(pid=self.launch_info.pid, hostname=self.launch_info.hostname,
+                        control_port=self.launch_info.control_port)
+        return info
+
+
+def _substitute(arg: str, values: dict[str, str]) -> str:
+    for name, value in values.items():
+        arg = arg.replace("{" + name + "}", value)
+    return arg
+
+
+def _timeout(client_value: str | None, default: float) -> float:
+    try:
+        value = float(client_value) if client_value else default
+    except ValueError:
+        return default
+    return value if value > 0 else default

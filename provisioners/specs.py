@@ -1,0 +1,140 @@
+"""``kernel-gateway specs install <provisioner>``: writes kernelspecs that run our launchers.
+
+One subcommand per provisioner; each writes a ``kernel.json`` whose
+``metadata.kernel_provisioner`` names the provisioner and carries its config, so the spec needs
+nothing else to work in our gateway or in any jupyter_client host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.kernelspec import KernelSpecManager
+from traitlets import Bool, List, Unicode
+from traitlets.config import Application
+
+__all__ = ["SSHSpecApp", "SpecsApp", "launcher_argv"]
+
+LAUNCHER = Path(__file__).resolve().parents[1] / "launchers" / "python" / "launch_ipykernel.py"
+
+
+def launcher_argv(python: str, launcher: str) -> list[str]:
+    """The argv that runs our Python launcher with every placeholder the remote provisioners fill in."""
+    return [
+        python, launcher,
+        "--kernel-id", "{kernel_id}",
+        "--response-address", "{response_address}",
+        "--public-key", "{public_key}",
+        "--port-range", "{port_range}",
+        "--kernel-class-name", "{kernel_class_name}",
+        "--launch-token-stdin",
+    ]
+
+
+class _InstallApp(Application):
+    """Shared options of every ``specs install`` subcommand."""
+
+    spec_name = Unicode("", config=True, help="Directory name of the kernelspec (required).")
+    display_name = Unicode("", config=True, help="Name shown in notebook UIs; default: the spec name.")
+    python = Unicode("python3", config=True, help="Python interpreter on the kernel's host.")
+    launcher = Unicode(str(LAUNCHER), config=True, help="Path of launch_ipykernel.py on the kernel's host.")
+    port_range = Unicode("", config=True, help="Port range for the kernel's ports, 'low..high'.")
+    user = Bool(False, config=True, help="Install for the current user instead of system-wide.")
+    prefix = Unicode("", config=True, help="Install under this prefix (e.g. a virtualenv).")
+
+    aliases = {
+        "name": "_InstallApp.spec_name",
+        "display-name": "_InstallApp.display_name",
+        "python": "_InstallApp.python",
+        "launcher": "_InstallApp.launcher",
+        "port-range": "_InstallApp.port_range",
+        "prefix": "_InstallApp.prefix",
+    }
+    flags = {"user": ({"_InstallApp": {"user": True}}, "Install for the current user.")}
+
+    provisioner_name = ""
+
+    def provisioner_config(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        if not self.spec_name:
+            print(f"{self.name}: --name is required", file=sys.stderr)
+            self.exit(2)
+        config = self.provisioner_config()
+        if self.port_range:
+            config["port_range"] = self.port_range
+        spec = {
+            "argv": launcher_argv(self.python, self.launcher),
+            "display_name": self.display_name or self.spec_name,
+            "language": "python",
+            "interrupt_mode": "message",
+            "metadata": {"kernel_provisioner": {"provisioner_name": self.provisioner_name, "config": config}},
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "kernel.json").write_text(json.dumps(spec, indent=2))
+            dest = KernelSpecManager().install_kernel_spec(
+                tmp, self.spec_name, user=self.user, prefix=self.prefix or None, replace=True
+            )
+        print(os.path.join(dest, "kernel.json"))
+
+
+def _split(values: list[str]) -> list[str]:
+    return [item.strip() for value in values for item in value.split(",") if item.strip()]
+
+
+class SSHSpecApp(_InstallApp):
+    """``specs install ssh --name N --hosts a,b``: a kernelspec for SSH-distributed kernels."""
+
+    name = "kernel-gateway specs install ssh"
+    provisioner_name = "ssh-provisioner"
+    hosts = List(Unicode(), config=True, help="Hosts the kernels run on (comma-separated).")
+    remote_user = Unicode("", config=True, help="User to log in as on the hosts.")
+    load_balancing = Unicode("round-robin", config=True, help="round-robin or least-connection.")
+    aliases = {
+        **_InstallApp.aliases,
+        "hosts": "SSHSpecApp.hosts",
+        "remote-user": "SSHSpecApp.remote_user",
+        "load-balancing": "SSHSpecApp.load_balancing",
+    }
+
+    def provisioner_config(self) -> dict[str, Any]:
+        hosts = _split(self.hosts)
+        if not hosts:
+            print(f"{self.name}: --hosts is required", file=sys.stderr)
+            self.exit(2)
+        config: dict[str, Any] = {"remote_hosts": hosts, "load_balancing": self.load_balancing}
+        if self.remote_user:
+            config["remote_user"] = self.remote_user
+        return config
+
+
+class InstallApp(Application):
+    """``specs install <provisioner>``."""
+
+    name = "kernel-gateway specs install"
+    subcommands = {"ssh": (SSHSpecApp, SSHSpecApp.__doc__.splitlines()[0])}
+
+    def start(self) -> None:
+        if self.subapp is None:
+            print(f"{self.name}: name a provisioner: {', '.join(self.subcommands)}", file=sys.stderr)
+            self.exit(2)
+        self.subapp.start()
+
+
+class SpecsApp(Application):
+    """``kernel-gateway specs``: kernelspec tools."""
+
+    name = "kernel-gateway specs"
+    subcommands = {"install": (InstallApp, "Write a kernelspec for one of our provisioners.")}
+
+    def start(self) -> None:
+        if self.subapp is None:
+            print(f"{self.name}: use 'specs install <provisioner>'", file=sys.stderr)
+            self.exit(2)
+        self.subapp.start()
