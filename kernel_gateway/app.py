@@ -17,10 +17,12 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.provisioning import KernelProvisionerFactory
 from jupyter_core.paths import jupyter_config_path
 from tornado import httpserver, web
-from traitlets import Bool, Integer, TraitError, Unicode, default, validate
+from traitlets import Bool, CaselessStrEnum, Integer, TraitError, Type, Unicode, default, validate
 from traitlets.config import Application
 
+from provisioners.eg_compat import CompatKernelSpecManager, EnterpriseGatewaySpecError
 from provisioners.envconfig import EnvConfigurable
+from provisioners.handshake import ResponseListener
 
 from . import __version__
 from .kernels import KernelCuller, KernelRegistry
@@ -141,6 +143,16 @@ class GatewayApp(EnvConfigurable, Application):
         "(env: GATEWAY_WS_PING_INTERVAL).",
     )
     ws_ping_interval_env = "GATEWAY_WS_PING_INTERVAL"
+    legacy_binary_frames = CaselessStrEnum(
+        ["auto", "always", "never"],
+        "auto",
+        config=True,
+        help="How messages with binary buffers reach legacy-protocol websocket clients: 'always' as legacy binary "
+        "frames; 'never' as JSON text frames with base64 buffers; 'auto' sends text frames to jupyter_server's "
+        "gateway client (User-Agent Tornado/...), whose relay decodes every frame as UTF-8 and goes silent for good "
+        "on a binary one, and binary frames to every other client (env: GATEWAY_LEGACY_BINARY_FRAMES).",
+    )
+    legacy_binary_frames_env = "GATEWAY_LEGACY_BINARY_FRAMES"
     json_logs = Bool(
         False,
         config=True,
@@ -154,6 +166,14 @@ class GatewayApp(EnvConfigurable, Application):
         "Jupyter config path and the working directory if present (env: GATEWAY_CONFIG_FILE).",
     )
     config_file_env = "GATEWAY_CONFIG_FILE"
+
+    kernel_spec_manager_class = Type(
+        "provisioners.eg_compat.CompatKernelSpecManager",
+        klass=KernelSpecManager,
+        config=True,
+        help="The jupyter_client kernelspec manager; the default also serves Enterprise Gateway kernelspecs when "
+        "CompatKernelSpecManager.accept_enterprise_gateway is on.",
+    )
 
     @default("log_level")
     def _log_level_default(self) -> int:
@@ -177,13 +197,14 @@ class GatewayApp(EnvConfigurable, Application):
 
     @property
     def classes(self) -> list[type]:  # type: ignore[override]
-        return [GatewayApp, GatewayPolicy, KernelRegistry, KernelCuller, *_provisioner_classes()]
+        return [GatewayApp, GatewayPolicy, KernelRegistry, KernelCuller, CompatKernelSpecManager, ResponseListener,
+                *_provisioner_classes()]
 
     def initialize(self, argv: list[str] | None = None) -> None:
         """Parse options, read config, validate everything; exit with a message on any error."""
         try:
             self._initialize(argv)
-        except (TraitError, ValueError, OSError) as exc:
+        except (TraitError, ValueError, OSError, EnterpriseGatewaySpecError) as exc:
             print(f"kernel-gateway: configuration error: {exc}", file=sys.stderr)
             self.exit(2)
 
@@ -204,7 +225,7 @@ class GatewayApp(EnvConfigurable, Application):
         if "default_provisioner_name" not in factory_config:
             factory_config.default_provisioner_name = DEFAULT_PROVISIONER
         self.policy = GatewayPolicy(parent=self)
-        self.kernel_spec_manager = KernelSpecManager(parent=self)
+        self.kernel_spec_manager = self.kernel_spec_manager_class(parent=self)
         self.registry = KernelRegistry(parent=self, policy=self.policy, kernel_spec_manager=self.kernel_spec_manager)
         self.culler = KernelCuller(parent=self, registry=self.registry)
         self.sessions = SessionStore(self.registry)
@@ -254,6 +275,7 @@ class GatewayApp(EnvConfigurable, Application):
             "auth_token": "" if self.allow_unauthenticated_access else self.auth_token,
             "allow_unauthenticated_channels": self.allow_unauthenticated_channels,
             "allow_origin": self.allow_origin,
+            "legacy_binary_frames": self.legacy_binary_frames.lower(),
             "max_body_size": self.max_body_size,
             "registry": self.registry,
             "policy": self.policy,
@@ -296,6 +318,8 @@ class GatewayApp(EnvConfigurable, Application):
         server.stop()
         await self.culler.stop()
         await self.registry.stop()
+        if ResponseListener._instance is not None:
+            await ResponseListener._instance.stop()
         await server.close_all_connections()
         self.log.info("stopped")
 

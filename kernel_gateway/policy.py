@@ -149,7 +149,7 @@ class GatewayPolicy(EnvConfigurable):
                 raise BadRequestError(f"env variable {name} must not contain NUL or newline characters")
         return dict(request_env)
 
-    def kernel_env(self, request_env: dict[str, str], user: str, kernel_id: str) -> dict[str, str]:
+    def kernel_env(self, request_env: dict[str, str], user: str, kernel_id: str, launch_timeout: float) -> dict[str, str]:
         """Build a kernel's whole environment: inherited gateway variables plus allowed request variables.
 
         This is the one place that reads the gateway's environment on a kernel's behalf.
@@ -161,6 +161,7 @@ class GatewayPolicy(EnvConfigurable):
             env["KERNEL_USERNAME"] = user
         env["KERNEL_ID"] = kernel_id
         env["KERNEL_GATEWAY"] = "1"
+        env["KERNEL_LAUNCH_TIMEOUT"] = f"{launch_timeout:g}"  # the capped value, for the provisioner
         return env
 
     def launch_timeout_for(self, request_env: dict[str, str]) -> float:

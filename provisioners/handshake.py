@@ -256,7 +256,8 @@ class ResponseListener(EnvConfigurable):
             raise _Rejected(f"payload for kernel {kernel_id} does not decrypt with our key") from None
         if plain.get("version") != 1 or plain.get("kernel_id") != kernel_id:
             raise _Rejected(f"payload for kernel {kernel_id} has the wrong version or kernel id")
-        return kernel_id, _launch_info(plain, plain.get("connection_info") or {}), str(plain.get("launch_token", ""))
+        info = _launch_info(plain, plain.get("connection_info") or {}, plain.get("control_port"))
+        return kernel_id, info, str(plain.get("launch_token", ""))
 
     def _decode_eg(self, data: bytes) -> tuple[str, LaunchInfo, None]:
         assert self._rsa is not None
@@ -271,17 +272,17 @@ class ResponseListener(EnvConfigurable):
         kernel_id = str(plain.get("kernel_id", ""))
         keys = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port", "ip", "key", "transport",
                 "signature_scheme", "kernel_name")
-        info = _launch_info(plain, {k: plain[k] for k in keys if k in plain})
+        # EG's "control_port" is the kernel's ZMQ control channel; its launcher listens on "comm_port"
+        info = _launch_info(plain, {k: plain[k] for k in keys if k in plain}, plain.get("comm_port"))
         info.legacy = True
         return kernel_id, info, None
 
 
-def _launch_info(plain: dict[str, Any], connection: dict[str, Any]) -> LaunchInfo:
+def _launch_info(plain: dict[str, Any], connection: dict[str, Any], control_port: Any) -> LaunchInfo:
     control_key = plain.get("control_key")
-    comm_port = plain.get("control_port") or plain.get("comm_port")
     return LaunchInfo(
         connection_info=connection,
-        control_port=int(comm_port) if comm_port else None,
+        control_port=int(control_port) if str(control_port or "").isdigit() else None,
         control_key=base64.b64decode(control_key) if control_key else None,
         pid=int(plain["pid"]) if str(plain.get("pid", "")).isdigit() else None,
         pgid=int(plain["pgid"]) if str(plain.get("pgid", "")).isdigit() else None,

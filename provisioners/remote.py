@@ -52,6 +52,17 @@ async def control_request(host: str, port: int, key: bytes, request: dict[str, A
         raise BackendError(f"launcher refused the request: {reply.get('error', 'no reason given')}")
 
 
+async def _legacy_control_request(host: str, port: int, request: dict[str, Any], timeout: float = 5.0) -> None:
+    """Enterprise Gateway's comm-port protocol: one JSON object, no reply, no authentication."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        writer.write(json.dumps(request).encode())
+        await writer.drain()
+        writer.close()
+    except (OSError, asyncio.TimeoutError) as exc:
+        raise BackendError(f"Enterprise Gateway launcher comm port {host}:{port} did not answer: {exc}") from exc
+
+
 class RemoteProvisioner(KernelProvisionerBase, EnvConfigurable):  # type: ignore[misc]
     """Base of every provisioner whose kernel runs under a launcher on another host or in a container.
 
@@ -160,6 +171,7 @@ class RemoteProvisioner(KernelProvisionerBase, EnvConfigurable):  # type: ignore
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> dict[str, Any]:
         """Start the launcher and wait for its connection info; kill everything if that fails."""
         env = {k: v for k, v in kwargs.get("env", {}).items() if k not in HOST_ONLY_ENV}
+        env.update(KERNEL_ID=self.kernel_id, KERNEL_LANGUAGE=self.kernel_spec.language or "")
         timeout = _timeout(env.get("KERNEL_LAUNCH_TIMEOUT"), self.launch_timeout)
         assert self._token is not None
         try:
@@ -211,9 +223,12 @@ class RemoteProvisioner(KernelProvisionerBase, EnvConfigurable):  # type: ignore
     async def send_signal(self, signum: int) -> None:
         """Deliver ``signum`` through the launcher's authenticated control port."""
         info = self.launch_info
-        if info is None or info.control_port is None or info.control_key is None:
+        if info is None or info.control_port is None:
             raise BackendError(f"kernel {self.kernel_id} has no launcher control port to signal")
-        await control_request(self.connection_info["ip"], info.control_port, info.control_key, {"signum": int(signum)})
+        if info.legacy:  # an Enterprise Gateway launcher: its comm port takes plain JSON
+            await _legacy_control_request(self.connection_info["ip"], info.control_port, {"signum": int(signum)})
+        elif info.control_key is not None:
+            await control_request(self.connection_info["ip"], info.control_port, info.control_key, {"signum": int(signum)})
 
     async def kill(self, restart: bool = False) -> None:
         await self.kill_launcher()

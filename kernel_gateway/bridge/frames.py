@@ -8,6 +8,7 @@ signed with the kernel's key here, so clients never need the HMAC key.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -99,11 +100,12 @@ def kernel_message_from_zmq(channel: str, frames: list[bytes], signer: Signer) -
     return KernelMessage(channel, parts, header)
 
 
-def to_legacy_frame(msg: KernelMessage) -> tuple[bytes, bool]:
+def to_legacy_frame(msg: KernelMessage, binary_buffers: bool = True) -> tuple[bytes, bool]:
     """Frame ``msg`` for the legacy protocol; return ``(payload, is_binary)``.
 
     Without buffers: one JSON text frame with ``channel``, ``msg_id``, ``msg_type`` added.
-    With buffers: ``u32 n, n × u32 offsets, JSON, buffers...`` (big-endian), as clients expect.
+    With buffers: ``u32 n, n × u32 offsets, JSON, buffers...`` (big-endian), as clients expect;
+    or, when ``binary_buffers`` is False, a text frame whose ``buffers`` are base64 strings.
     """
     header, parent, metadata, content = msg.parts[:4]
     buffers = msg.parts[4:]
@@ -117,6 +119,9 @@ def to_legacy_frame(msg: KernelMessage) -> tuple[bytes, bool]:
         if msg._legacy is None:
             msg._legacy = body + b',"buffers":[]}'
         return msg._legacy, False
+    if not binary_buffers:
+        encoded = json.dumps([base64.b64encode(bytes(b)).decode() for b in buffers]).encode()
+        return body + b',"buffers":' + encoded + b"}", False
     json_part = body + b"}"
     count = 1 + len(buffers)
     offsets = [4 * (count + 1)]

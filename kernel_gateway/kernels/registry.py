@@ -35,6 +35,9 @@ __all__ = ["KernelRegistry", "ManagedKernel"]
 
 log = logging.getLogger("kernel_gateway.kernels")
 
+#: Seconds past the launch timeout before the registry gives up on a provisioner that did not.
+LAUNCH_GRACE = 5.0
+
 
 def iso_utc(stamp: float) -> str:
     """Format like jupyter_server expects: ``%Y-%m-%dT%H:%M:%S.%fZ``."""
@@ -191,7 +194,7 @@ class KernelRegistry(EnvConfigurable):
         self.policy.check_limits(total, user, mine)
         timeout = self.policy.launch_timeout_for(request_env)
         kernel_id = str(uuid.uuid4())
-        env = self.policy.kernel_env(request_env, user, kernel_id)
+        env = self.policy.kernel_env(request_env, user, kernel_id, timeout)
         cwd = request_env.get("KERNEL_WORKING_DIR")
         km = self.kernel_manager_class(
             parent=self,
@@ -212,10 +215,11 @@ class KernelRegistry(EnvConfigurable):
         return kernel
 
     async def _launch(self, kernel: ManagedKernel, env: dict[str, str], cwd: str | None, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
+        # the provisioner enforces the timeout with its own diagnostics; ours is the backstop
+        deadline = time.monotonic() + timeout + LAUNCH_GRACE
         km = kernel.km
         try:
-            await asyncio.wait_for(km.start_kernel(kernel_id=kernel.kernel_id, env=env, cwd=cwd), timeout)
+            await asyncio.wait_for(km.start_kernel(kernel_id=kernel.kernel_id, env=env, cwd=cwd), timeout + LAUNCH_GRACE)
             kernel.bridge = KernelBridge(
                 kernel.kernel_id,
                 km.get_connection_info(session=False),

@@ -25,6 +25,7 @@ class KernelChannelsHandler(GatewayHandlerMixin, websocket.WebSocketHandler):
 
     session: ChannelSession | None = None
     _backlog = 0
+    _binary_buffers = True
 
     async def get(self, *args: Any, **kwargs: Any) -> None:
         if not self.settings["allow_unauthenticated_channels"]:
@@ -52,6 +53,10 @@ class KernelChannelsHandler(GatewayHandlerMixin, websocket.WebSocketHandler):
 
     async def open(self, kernel_id: str) -> None:
         self.set_nodelay(True)  # replies are small and latency-bound: never wait for Nagle
+        mode = self.settings["legacy_binary_frames"]
+        user_agent = self.request.headers.get("User-Agent", "")
+        # jupyter_server's gateway relay decodes every frame as UTF-8 and stops for good on a binary one
+        self._binary_buffers = mode == "always" or (mode == "auto" and not user_agent.startswith("Tornado/"))
         client_session = self.get_query_argument("session_id", "")
         session_id = client_session or uuid.uuid4().hex
         self.log = logging.LoggerAdapter(log, {"kernel_id": kernel_id, "session_id": session_id})
@@ -67,7 +72,7 @@ class KernelChannelsHandler(GatewayHandlerMixin, websocket.WebSocketHandler):
         if self.protocol == V1_SUBPROTOCOL:
             payload, binary = to_v1_frame(msg), True
         else:
-            payload, binary = to_legacy_frame(msg)
+            payload, binary = to_legacy_frame(msg, self._binary_buffers)
         try:
             future = self.write_message(payload, binary=binary)
         except websocket.WebSocketClosedError:
