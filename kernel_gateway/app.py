@@ -21,7 +21,9 @@ from traitlets import Bool, CaselessStrEnum, Integer, TraitError, Type, Unicode,
 from traitlets.config import Application
 
 from provisioners.eg_compat import CompatKernelSpecManager, EnterpriseGatewaySpecError
-from provisioners.envconfig import EnvConfigurable
+from provisioners.envconfig import EnvConfigurable, env_value
+from provisioners.errors import PortRangeError
+from provisioners.ports import parse_port_range
 from provisioners.handshake import ResponseListener
 
 from . import __version__
@@ -40,7 +42,7 @@ aliases = {
     "port": "GatewayApp.port",
     "auth-token": "GatewayApp.auth_token",
     "base-url": "GatewayApp.base_url",
-    "port-range": "PortRangeLocalProvisioner.port_range",
+    "port-range": "GatewayApp.port_range",
     "default-kernel": "KernelRegistry.default_kernel_name",
     "config": "GatewayApp.config_file",
     "log-level": "GatewayApp.log_level",
@@ -67,9 +69,15 @@ class ServerState:
 
 
 def validate_all(configurable: Any) -> None:
-    """Read every option once, so bad environment values fail now rather than mid-request."""
+    """Check every option now (defaults read from the environment included), not mid-request."""
     for name in configurable.trait_names(config=True):
-        getattr(configurable, name)
+        value = getattr(configurable, name)
+        try:
+            setattr(configurable, name, value)  # assignment runs the @validate checks a default skips
+        except TraitError as exc:
+            env = getattr(configurable, f"{name}_env", None)
+            source = f" (from {env})" if env and env_value(env) is not None else ""
+            raise TraitError(f"{type(configurable).__name__}.{name}{source}: {exc}") from None
 
 
 def _provisioner_classes() -> list[type]:
@@ -107,6 +115,14 @@ class GatewayApp(EnvConfigurable, Application):
         "and printed at start-up, unless allow_unauthenticated_access is set (env: GATEWAY_AUTH_TOKEN).",
     )
     auth_token_env = "GATEWAY_AUTH_TOKEN"
+    port_range = Unicode(
+        "",
+        config=True,
+        help="Ports every kernel (local or remote), every launcher and the response listener may use, 'low..high'; "
+        "a kernelspec's kernel_provisioner.config.port_range overrides it for that spec. Empty: any port "
+        "(env: GATEWAY_PORT_RANGE).",
+    )
+    port_range_env = "GATEWAY_PORT_RANGE"
     allow_unauthenticated_access = Bool(
         False,
         config=True,
@@ -185,6 +201,14 @@ class GatewayApp(EnvConfigurable, Application):
             raise TraitError(f"port must be between 1 and 65535, not {proposal['value']}")
         return proposal["value"]
 
+    @validate("port_range")
+    def _valid_range(self, proposal: dict[str, Any]) -> str:
+        try:
+            parse_port_range(proposal["value"])
+        except PortRangeError as exc:
+            raise TraitError(str(exc)) from exc
+        return proposal["value"].strip()
+
     @validate("base_url")
     def _slashes(self, proposal: dict[str, Any]) -> str:
         return "/" + proposal["value"].strip("/") + "/" if proposal["value"].strip("/") else "/"
@@ -221,6 +245,7 @@ class GatewayApp(EnvConfigurable, Application):
         self.generated_token = not self.auth_token and not self.allow_unauthenticated_access
         if self.generated_token:
             self.auth_token = secrets.token_hex(24)
+        self._share_port_range()
         factory_config = self.config.KernelProvisionerFactory
         if "default_provisioner_name" not in factory_config:
             factory_config.default_provisioner_name = DEFAULT_PROVISIONER
@@ -232,6 +257,15 @@ class GatewayApp(EnvConfigurable, Application):
         for configurable in (self.policy, self.registry, self.culler):
             validate_all(configurable)
         self._validate_kernelspecs()
+
+    def _share_port_range(self) -> None:
+        """Hand the one port range to every option that takes one, unless configured on its own."""
+        if not self.port_range:
+            return
+        for section, option in (("PortRangeLocalProvisioner", "port_range"), ("RemoteProvisioner", "port_range"),
+                                ("ResponseListener", "response_port_range")):
+            if option not in self.config[section]:
+                self.config[section][option] = self.port_range
 
     def _read_config_files(self) -> None:
         if self.config_file:

@@ -98,10 +98,12 @@ def test_kernel_list_reflects_gateway_activity(jupyter_server, gateway, session,
         assert model["name"] == "python3"
         before = datetime.strptime(model["last_activity"], ACTIVITY_FORMAT)
         assert gateway_model(gateway, kernel_id)["connections"] == 1
+        status = jupyter_server.request("GET", "/api/status")  # also lists the gateway's kernels
+        assert status.status == 200 and status.json()["kernels"] >= 1, (status.status, status.body)
 
         flag = tmp_path / "go"
         msg_id = ws.execute(gated_cell(flag))
-        wait_until(lambda: server_kernel_model(jupyter_server, kernel_id)["execution_state"] == "busy", 15,
+        wait_until(lambda: (server_kernel_model(jupyter_server, kernel_id) or {}).get("execution_state") == "busy", 15,
                    what="execution_state busy in jupyter_server's kernel list")
         flag.touch()
         assert ws.collect(msg_id).stdout == "released\n"
@@ -110,7 +112,7 @@ def test_kernel_list_reflects_gateway_activity(jupyter_server, gateway, session,
         after = datetime.strptime(model["last_activity"], ACTIVITY_FORMAT)
         assert after > before, (before, after)
 
-    wait_until(lambda: server_kernel_model(jupyter_server, kernel_id)["connections"] == 0, 15,
+    wait_until(lambda: (server_kernel_model(jupyter_server, kernel_id) or {}).get("connections") == 0, 15,
                what="connections back to 0 after the websocket closed")
 
 
@@ -147,6 +149,8 @@ def test_restart_keeps_kernel_id_and_websocket(jupyter_server, gateway, session)
         assert seen == "False", "kernel state survived the restart"
         assert int(new_pid) != old_pid
         assert ex.reply["content"]["execution_count"] == 1
+        # The gateway kept the socket open: jupyter_server would otherwise have had to reconnect upstream.
+        assert f"Lost connection to Gateway: {kernel_id}" not in jupyter_server.log()
 
 
 def test_reconnect_with_same_session_replays_missed_output(jupyter_server, gateway, session, tmp_path):
@@ -170,6 +174,22 @@ def test_reconnect_with_same_session_replays_missed_output(jupyter_server, gatew
         assert ex.stdout == "late-output\n", ex.summary()
         assert ex.reply["content"]["status"] == "ok"
         assert ws2.run("print('after-replay')").stdout == "after-replay\n"
+
+
+def test_binary_buffers_do_not_wedge_jupyter_server_proxy(jupyter_server, session):
+    """Comm messages with binary buffers (ipywidgets FileUpload, ...) must not kill jupyter_server's relay.
+
+    jupyter_server's gateway proxy utf8-decodes every frame it gets from the gateway; one legacy binary frame
+    kills its reader task and the browser socket then stays open but silent (client contract, section 1.8).
+    """
+    kernel_id = session["kernel"]["id"]
+    with open_ws(jupyter_server, kernel_id) as ws:
+        ex = ws.run("from comm import create_comm\n"
+                    "c = create_comm(target_name='e2e-nowhere', data={'a': 1}, buffers=[b'\\xff\\x86\\x00'])\n"
+                    "c.send({'b': 2}, buffers=[b'\\xfe\\xff'])\n"
+                    "print('sent')", timeout=15)
+        assert ex.stdout == "sent\n", ex.summary()
+        assert ws.run("print('still relayed')", timeout=15).stdout == "still relayed\n"
 
 
 def test_delete_session_shuts_down_gateway_kernel(jupyter_server, gateway, session):

@@ -8,26 +8,12 @@ import pytest
 import yaml
 from openapi_spec_validator import validate
 
+from tests.api.routes import route_table
+
 SPEC_PATH = Path(__file__).resolve().parents[2] / "kernel_gateway" / "web" / "api.yaml"
 
-# Paths and methods the server routes. To be replaced by the real route table
-# (kernel_gateway.web default_handlers) once it exists.
-EXPECTED_ROUTES: dict[str, set[str]] = {
-    "/api": {"get"},
-    "/api/spec.yaml": {"get"},
-    "/api/kernelspecs": {"get"},
-    "/api/kernelspecs/{name}": {"get"},
-    "/kernelspecs/{name}/{resource}": {"get"},
-    "/api/kernels": {"get", "post"},
-    "/api/kernels/{kernel_id}": {"get", "delete"},
-    "/api/kernels/{kernel_id}/interrupt": {"post"},
-    "/api/kernels/{kernel_id}/restart": {"post"},
-    "/api/kernels/{kernel_id}/channels": {"get"},
-    "/api/sessions": {"get", "post"},
-    "/api/sessions/{session_id}": {"get", "patch", "delete"},
-    "/healthz": {"get"},
-    "/readyz": {"get"},
-}
+# Paths and methods the server routes, from its route table (kernel_gateway.web.ROUTES).
+EXPECTED_ROUTES: dict[str, set[str]] = route_table()
 
 PUBLIC_ROUTES = {"/api", "/api/spec.yaml", "/healthz", "/readyz"}
 

@@ -55,6 +55,27 @@ let step = 'launch chromium';
 let page;
 let context;
 const consoleErrors = [];
+const wsFrames = []; // last kernel websocket frames, summarised, for failure reports
+
+function summariseFrame(dir, payload) {
+  let text = `${dir} `;
+  if (typeof payload !== 'string') {
+    text += `<binary ${payload.length} bytes>`;
+  } else {
+    try {
+      const m = JSON.parse(payload);
+      const type = (m.header && m.header.msg_type) || m.msg_type;
+      const state = m.content && m.content.execution_state ? `:${m.content.execution_state}` : '';
+      const parent = m.parent_header && m.parent_header.msg_type ? ` (re ${m.parent_header.msg_type})` : '';
+      if (/^debug_/.test(type) || /debug_request/.test(parent)) return; // JupyterLab's debugger probing: noise
+      text += `${m.channel}/${type}${state}${parent}`;
+    } catch {
+      text += payload.slice(0, 80);
+    }
+  }
+  wsFrames.push(`${((Date.now() - t0) / 1000).toFixed(1)}s ${text}`);
+  if (wsFrames.length > 80) wsFrames.shift();
+}
 const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'kg-e2e-chromium-'));
 
 // ---- page helpers --------------------------------------------------------------------------
@@ -72,11 +93,24 @@ async function outputText(i) {
   return (await out.count()) ? ((await out.first().innerText()) || '') : '';
 }
 
-// Poll a page-independent async condition (used for conditions spanning several locators).
+// JupyterLab's dialog for an iopub status "restarting" (its signal for an automatic restart after a crash).
+const DIED_DIALOG = () => page.locator('.jp-Dialog', { hasText: 'appears to have died' });
+
+async function failOnKernelDiedDialog() {
+  if (await DIED_DIALOG().count()) {
+    const sawRestarting = wsFrames.some((f) => /iopub\/status:restarting/.test(f));
+    throw new Error('JupyterLab shows "Kernel Restarting: The kernel appears to have died. It will restart automatically."'
+      + (sawRestarting ? ' The browser received an iopub status "restarting" frame (JupyterLab reads it as an automatic'
+        + ' restart after a crash; for POST /restart the reference gateway sends only shutdown_reply and status starting/busy/idle).' : ''));
+  }
+}
+
+// Poll an async condition (spanning several locators) until it holds; fail early on the "kernel died" dialog.
 async function waitFor(what, predicate, timeout = STEP_TIMEOUT) {
   const deadline = Date.now() + timeout;
   let last;
   for (;;) {
+    await failOnKernelDiedDialog();
     last = await predicate();
     if (last) return last;
     if (Date.now() > deadline) throw new Error(`timed out after ${timeout} ms waiting for ${what}`);
@@ -90,8 +124,15 @@ async function kernelStatusText() {
 }
 
 async function waitKernelIdle(timeout = STEP_TIMEOUT) {
-  await waitFor('kernel status "Idle" in the status bar',
-    async () => / \| Idle$/.test(await kernelStatusText()), timeout);
+  try {
+    await waitFor('kernel status "Idle" in the status bar',
+      async () => / \| Idle$/.test(await kernelStatusText()), timeout);
+  } catch (err) {
+    const lastOpen = wsFrames.map((f) => / open ws /.test(f)).lastIndexOf(true);
+    const replies = wsFrames.slice(lastOpen + 1).filter((f) => /shell\/kernel_info_reply/.test(f)).length;
+    throw new Error(`${err.message} (status is ${JSON.stringify(await kernelStatusText())}; ${replies} kernel_info_reply`
+      + ' frames on the newest kernel websocket: JupyterLab leaves Unknown/Starting only on a kernel_info_reply)');
+  }
 }
 
 // Record every value of the status bar's kernel status (catches short-lived "Restarting").
@@ -179,6 +220,7 @@ async function describePage() {
   } catch (err) {
     lines.push(`(page state unavailable: ${err.message})`);
   }
+  if (wsFrames.length) lines.push(`last kernel websocket frames:\n  ${wsFrames.join('\n  ')}`);
   if (consoleErrors.length) lines.push(`browser console errors:\n  ${consoleErrors.slice(-15).join('\n  ')}`);
   return lines.join('\n');
 }
@@ -196,6 +238,15 @@ async function run() {
   page.setDefaultTimeout(STEP_TIMEOUT);
   page.on('console', (m) => { if (m.type() === 'error') consoleErrors.push(m.text().slice(0, 300)); });
   page.on('pageerror', (e) => consoleErrors.push(`pageerror: ${e.message.slice(0, 300)}`));
+  page.on('websocket', (ws) => {
+    if (!/\/api\/kernels\//.test(ws.url())) return;
+    const id = ws.url().replace(/^.*session_id=/, '').slice(0, 8);
+    wsFrames.push(`${((Date.now() - t0) / 1000).toFixed(1)}s open ws ${id}`);
+    ws.on('framesent', (f) => summariseFrame(`${id} >>`, f.payload));
+    ws.on('framereceived', (f) => summariseFrame(`${id} <<`, f.payload));
+    ws.on('socketerror', (e) => wsFrames.push(`${((Date.now() - t0) / 1000).toFixed(1)}s ${id} socket error ${e}`));
+    ws.on('close', () => wsFrames.push(`${((Date.now() - t0) / 1000).toFixed(1)}s ${id} closed`));
+  });
 
   step = 'open notebook';
   const url = `${LAB_URL}/lab/tree/${NOTEBOOK.split('/').map(encodeURIComponent).join('/')}?token=${encodeURIComponent(LAB_TOKEN)}`;
@@ -213,12 +264,13 @@ async function run() {
   const p0 = await waitCellDone(0, /e2e-output 42/);
   log(`cell 0 ran: ${p0} ${JSON.stringify((await outputText(0)).trim())}`);
 
-  step = 'interrupt a running cell';
+  step = 'interrupt a running cell: start time.sleep(60)';
   await insertCellBelow(0);
   await setCellCode(1, 'import time; print("sleeping", flush=True); time.sleep(60)');
   await startCell(1);
   await waitFor('cell 1 to be running (prompt [*], output "sleeping")',
     async () => (await prompt(1)) === '[*]:' && /sleeping/.test(await outputText(1)));
+  step = 'interrupt a running cell: Kernel menu > Interrupt Kernel';
   const tInterrupt = Date.now();
   await kernelMenu(/^Interrupt Kernel$/);
   const p1 = await waitCellDone(1, /KeyboardInterrupt/);
@@ -227,15 +279,15 @@ async function run() {
   await waitKernelIdle();
   log(`cell 1 interrupted after ${interruptSecs.toFixed(1)}s: ${p1} KeyboardInterrupt`);
 
-  step = 'restart the kernel';
+  step = 'restart the kernel: Kernel menu';
   const mark = (await statusHistory()).length;
   await kernelMenu(/^Restart Kernel/);
-  const dialog = page.locator('.jp-Dialog');
-  await dialog.waitFor({ state: 'visible', timeout: 5000 });
-  const title = (await dialog.locator('.jp-Dialog-header').innerText()).trim();
-  if (!/restart/i.test(title)) throw new Error(`unexpected dialog ${JSON.stringify(title)}`);
+  step = 'restart the kernel: confirm dialog';
+  const dialog = page.locator('.jp-Dialog', { has: page.locator('.jp-Dialog-header', { hasText: /Restart Kernel\?/ }) });
+  await waitFor('the "Restart Kernel?" dialog', async () => (await dialog.count()) === 1, 5000);
   await dialog.locator('button.jp-mod-accept').click();
-  await dialog.waitFor({ state: 'detached', timeout: 5000 });
+  await waitFor('the "Restart Kernel?" dialog to close', async () => (await dialog.count()) === 0, 5000);
+  step = 'restart the kernel: wait for the kernel';
   // The status bar must pass through a non-idle state (restarting/starting) and come back to Idle.
   await waitFor('kernel status to leave Idle after the restart', async () =>
     (await statusHistory()).slice(mark).some((s) => !/ \| Idle$/.test(s)));
