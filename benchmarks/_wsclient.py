@@ -42,7 +42,7 @@ class Pending:
     """One outstanding request: collects its reply, the idle status and counts stream messages."""
 
     __slots__ = ("msg_id", "need_idle", "reply", "reply_type", "t_reply", "t_idle", "streams",
-                 "other_streams", "iopub", "future", "t_sent")
+                 "other_streams", "iopub", "future", "t_sent", "t_last")
 
     def __init__(self, msg_id: str, need_idle: bool, loop: asyncio.AbstractEventLoop):
         self.msg_id = msg_id
@@ -56,6 +56,7 @@ class Pending:
         self.iopub = 0
         self.future = loop.create_future()
         self.t_sent = 0.0
+        self.t_last = 0.0  # time of the last iopub message for this request
 
     def _check(self):
         if self.t_reply is not None and (self.t_idle is not None or not self.need_idle):
@@ -65,6 +66,7 @@ class Pending:
     def feed(self, channel: str, msg_type: str, content_fn) -> None:
         if channel == "iopub":
             self.iopub += 1
+            self.t_last = _perf()
             if msg_type == "stream":
                 if content_fn().get("name") == "stdout":
                     self.streams += 1
@@ -114,6 +116,12 @@ class KernelWebSocket:
             max_message_size=512 * 1024 * 1024,
             ping_interval=None,
         )
+        # tornado's HTTP client sets TCP_NODELAY for the request, but HTTP1Connection turns Nagle
+        # back on once the (upgrade) request finished, and the websocket keeps that socket.
+        try:
+            self.conn.protocol.set_nodelay(True)
+        except Exception:
+            pass
         self.selected_subprotocol = self.conn.selected_subprotocol
         if self.protocol == "v1" and self.selected_subprotocol != V1_SUBPROTOCOL:
             self.conn.close()
@@ -177,6 +185,28 @@ class KernelWebSocket:
     async def wait(self, p: Pending, timeout: float) -> Pending:
         try:
             return await asyncio.wait_for(p.future, timeout)
+        finally:
+            self.pending.pop(p.msg_id, None)
+
+    async def settle(self, p: Pending, timeout: float, quiet: float) -> bool:
+        """Wait for ``p`` to finish; True if it did.
+
+        Gives up early (False) once the reply arrived and no iopub message for this
+        request came for ``quiet`` seconds: the idle status was lost.  Never waits
+        longer than ``timeout``.
+        """
+        deadline = _perf() + timeout
+        try:
+            while True:
+                remaining = deadline - _perf()
+                if remaining <= 0:
+                    return False
+                try:
+                    await asyncio.wait_for(asyncio.shield(p.future), min(remaining, 0.5))
+                    return True
+                except asyncio.TimeoutError:
+                    if p.t_reply is not None and _perf() - max(p.t_last, p.t_reply) > quiet:
+                        return False
         finally:
             self.pending.pop(p.msg_id, None)
 

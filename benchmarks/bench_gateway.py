@@ -282,7 +282,7 @@ class Gateway:
 
 
 # ----------------------------------------------------------------------------------------------
-# gateway measurements
+# kernel starts
 # ----------------------------------------------------------------------------------------------
 async def ws_kernel_info(ws: KernelWebSocket, timeout: float, retry: float = 10.0):
     deadline = perf() + timeout
@@ -295,11 +295,12 @@ async def ws_kernel_info(ws: KernelWebSocket, timeout: float, retry: float = 10.
                 raise TimeoutError("no kernel_info_reply") from None
 
 
-async def gw_start_once(gw: Gateway, args, keep=False):
+async def gw_start_once(gw: Gateway, args, keep=False, protocol=None):
+    """POST /api/kernels, open the websocket, first kernel_info_reply.  Returns (record, kid, ws)."""
     t0 = perf()
     kid = await gw.create_kernel(args.start_timeout)
     t1 = perf()
-    ws = KernelWebSocket(args.start_protocol)
+    ws = KernelWebSocket(protocol or args.start_protocol)
     await ws.connect(gw.ws_url, kid, gw.headers, timeout=args.start_timeout)
     t2 = perf()
     await ws_kernel_info(ws, args.start_timeout)
@@ -312,217 +313,6 @@ async def gw_start_once(gw: Gateway, args, keep=False):
     await gw.delete_kernel(kid)
     rec["delete_s"] = perf() - t4
     return rec, None, None
-
-
-async def ws_round_trips(ws: KernelWebSocket, args, meter: CpuMeter):
-    code, timeout = args.code, args.timeout
-    for _ in range(args.warmup):
-        p = await ws.wait(ws.execute(code), timeout)
-    times, errors = [], 0
-    with meter:
-        for _ in range(args.iterations):
-            t0 = perf()
-            p = await ws.wait(ws.execute(code), timeout)
-            times.append(max(p.t_reply, p.t_idle) - t0)
-            if (p.reply or {}).get("status") != "ok":
-                errors += 1
-    return {**summarize(times), "errors": errors, **meter.as_dict(per=args.iterations)}
-
-
-async def ws_flood(ws: KernelWebSocket, args, meter: CpuMeter):
-    runs = []
-    for _ in range(args.flood_repeats):
-        with meter:
-            t0 = perf()
-            p = ws.execute(FLOOD_CODE.format(n=args.flood))
-            timed_out = False
-            try:
-                await ws.wait(p, args.flood_timeout)
-            except asyncio.TimeoutError:
-                timed_out = True
-        end = p.t_idle if p.t_idle is not None else perf()
-        runs.append({"delivered": p.streams, "other_streams": p.other_streams, "idle": p.t_idle is not None,
-                     "reply": (p.reply or {}).get("status"), "timed_out": timed_out,
-                     "time_to_idle_s": end - t0, "msgs_per_s": p.streams / (end - t0),
-                     **meter.as_dict()})
-        if timed_out:
-            break
-        await asyncio.sleep(0.2)
-    return flood_summary(runs)
-
-
-def flood_summary(runs):
-    best = sorted(runs, key=lambda r: r["time_to_idle_s"])[len(runs) // 2]  # median run by time
-    return {"runs": runs, **{k: best[k] for k in best},
-            "all_complete": all(r["idle"] and r["delivered"] == r.get("expected", r["delivered"]) for r in runs)}
-
-
-async def run_gateway(gw: Gateway, args) -> dict:
-    res = {"kind": "gateway", "cmd": gw.cmd, "extra_args": gw.extra_args}
-    log(f"[{gw.name}] starting: {gw.cmd}")
-    res["ready_s"] = gw.start(args.start_timeout)
-    res["pid"] = gw.proc.pid
-    await asyncio.sleep(0.5)
-    rss, kids_rss, nkids = ps.tree_rss_kb(gw.proc.pid)
-    res["mem_startup"] = {"gateway_rss_mb": rss / 1024, "children_rss_mb": kids_rss / 1024, "children": nkids}
-    log(f"[{gw.name}] ready in {res['ready_s']:.2f}s, rss {rss / 1024:.1f} MB")
-
-    if "start" in args.sections:
-        log(f"[{gw.name}] kernel starts x{args.starts} (+1 warm-up)")
-        await gw_start_once(gw, args)
-        recs = [(await gw_start_once(gw, args))[0] for _ in range(args.starts)]
-        res["start"] = {k: statistics.median(r[k] for r in recs) for k in recs[0]}
-        res["start"]["n"] = len(recs)
-
-    if "rt" in args.sections or "flood" in args.sections:
-        kid = await gw.create_kernel(args.start_timeout)
-        gw.remember_children()
-        for proto in args.protocols:
-            key = f"ws-{'json' if proto == 'legacy' else 'v1'}"
-            ws = KernelWebSocket(proto)
-            try:
-                await ws.connect(gw.ws_url, kid, gw.headers, timeout=args.timeout)
-            except Exception as e:  # e.g. v1 not offered by the server
-                res.setdefault("errors", {})[key] = repr(e)
-                log(f"[{gw.name}] {key}: {e!r}")
-                continue
-            res.setdefault("client_tcp_nodelay", ws.nodelay())
-            await ws_kernel_info(ws, args.start_timeout)
-            meter = CpuMeter(gateway_pid=gw.proc.pid)
-            if "rt" in args.sections:
-                log(f"[{gw.name}] {key}: round trips x{args.iterations}")
-                res.setdefault("rt", {})[key] = await ws_round_trips(ws, args, meter)
-            if "flood" in args.sections:
-                log(f"[{gw.name}] {key}: flood {args.flood} x{args.flood_repeats}")
-                fl = await ws_flood(ws, args, meter)
-                for r in fl["runs"]:
-                    r["expected"] = args.flood
-                fl["all_complete"] = all(r["idle"] and r["delivered"] == args.flood for r in fl["runs"])
-                res.setdefault("flood", {})[key] = fl
-            res.setdefault("ws_unmatched", {})[key] = ws.unmatched
-            ws.close()
-        await gw.delete_kernel(kid)
-        await asyncio.sleep(0.5)
-
-    if "concurrent" in args.sections:
-        n = args.concurrent
-        await asyncio.sleep(0.5)
-        rss0, kids0, _ = ps.tree_rss_kb(gw.proc.pid)
-        log(f"[{gw.name}] {n} concurrent kernel starts")
-        t0 = perf()
-        out = await asyncio.wait_for(asyncio.gather(*(gw_start_once(gw, args, keep=True) for _ in range(n))),
-                                     args.start_timeout * 2)
-        wall = perf() - t0
-        gw.remember_children()
-        await asyncio.sleep(1.0)
-        rss1, kids1, nk1 = ps.tree_rss_kb(gw.proc.pid)
-        for _, _, ws in out:
-            ws.close()
-        await asyncio.sleep(1.0)
-        rss2, kids2, nk2 = ps.tree_rss_kb(gw.proc.pid)
-        t1 = perf()
-        await asyncio.gather(*(gw.delete_kernel(kid) for _, kid, _ in out))
-        del_wall = perf() - t1
-        await asyncio.sleep(1.0)
-        rss3, kids3, nk3 = ps.tree_rss_kb(gw.proc.pid)
-        res["concurrent"] = {"n": n, "wall_s": wall, "median_s": statistics.median(r["total_s"] for r, _, _ in out),
-                             "max_s": max(r["total_s"] for r, _, _ in out), "delete_all_s": del_wall}
-        res["mem"] = {
-            "idle_startup_mb": res["mem_startup"]["gateway_rss_mb"],
-            "idle_before_mb": rss0 / 1024,
-            "with_kernels_ws_mb": rss1 / 1024,
-            "with_kernels_no_ws_mb": rss2 / 1024,
-            "after_delete_mb": rss3 / 1024,
-            "per_kernel_ws_mb": (rss1 - rss0) / 1024 / n,
-            "per_kernel_no_ws_mb": (rss2 - rss0) / 1024 / n,
-            "children": nk1,
-            "children_rss_mb": kids1 / 1024,
-            "kernel_rss_per_kernel_mb": kids1 / 1024 / max(1, nk1),
-            "children_after_delete": nk3,
-        }
-    return res
-
-
-# ----------------------------------------------------------------------------------------------
-# direct (jupyter_client over ZMQ) measurements
-# ----------------------------------------------------------------------------------------------
-def _mid(msg):
-    return (msg.get("parent_header") or {}).get("msg_id")
-
-
-async def direct_exec(kc, code, timeout):
-    """jupyter_client API: kc.execute + get_msg on iopub (until idle) and shell (reply)."""
-    t0 = perf()
-    msg_id = kc.execute(code, store_history=False)
-    deadline = t0 + timeout
-    stdout = other = 0
-    while True:
-        try:
-            msg = await kc.iopub_channel.get_msg(timeout=max(0.001, deadline - perf()))
-        except queue.Empty:
-            raise asyncio.TimeoutError() from None
-        if _mid(msg) != msg_id:
-            continue
-        mt = msg["msg_type"]
-        if mt == "stream":
-            if msg["content"].get("name") == "stdout":
-                stdout += 1
-            else:
-                other += 1
-        elif mt == "status" and msg["content"]["execution_state"] == "idle":
-            t_idle = perf()
-            break
-    while True:
-        try:
-            msg = await kc.shell_channel.get_msg(timeout=max(0.001, deadline - perf()))
-        except queue.Empty:
-            raise asyncio.TimeoutError() from None
-        if _mid(msg) == msg_id:
-            t_reply = perf()
-            break
-    return {"t0": t0, "end": max(t_idle, t_reply), "stdout": stdout, "other": other,
-            "status": msg["content"].get("status")}
-
-
-_DELIM = b"<IDS|MSG>"
-
-
-async def direct_exec_raw(kc, code, timeout):
-    """Same sockets, but recv_multipart + decode only parent/header (what a lean proxy must do)."""
-    loads = json.loads
-
-    async def run():
-        t0 = perf()
-        msg_id = kc.execute(code, store_history=False)
-        stdout = other = 0
-        iopub = kc.iopub_channel.socket
-        while True:
-            frames = await iopub.recv_multipart()
-            i = frames.index(_DELIM)
-            parent = loads(frames[i + 3])
-            if parent.get("msg_id") != msg_id:
-                continue
-            mt = loads(frames[i + 2])["msg_type"]
-            if mt == "stream":
-                if loads(frames[i + 5]).get("name") == "stdout":
-                    stdout += 1
-                else:
-                    other += 1
-            elif mt == "status" and loads(frames[i + 5])["execution_state"] == "idle":
-                t_idle = perf()
-                break
-        shell = kc.shell_channel.socket
-        while True:
-            frames = await shell.recv_multipart()
-            i = frames.index(_DELIM)
-            if loads(frames[i + 3]).get("msg_id") == msg_id:
-                t_reply = perf()
-                content = loads(frames[i + 5])
-                break
-        return {"t0": t0, "end": max(t_idle, t_reply), "stdout": stdout, "other": other,
-                "status": content.get("status")}
-
-    return await asyncio.wait_for(run(), timeout)
 
 
 async def direct_kernel_info(kc, timeout, retry=10.0):
@@ -542,11 +332,12 @@ async def direct_kernel_info(kc, timeout, retry=10.0):
 
 
 async def direct_start_once(args, keep=False):
+    """AsyncKernelManager.start_kernel, client channels, first kernel_info_reply."""
     from jupyter_client.manager import AsyncKernelManager
 
     t0 = perf()
     km = AsyncKernelManager(kernel_name="python3")
-    await km.start_kernel()
+    await km.start_kernel(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t1 = perf()
     kc = km.client()
     kc.start_channels()
@@ -555,7 +346,9 @@ async def direct_start_once(args, keep=False):
     rec = {"total_s": t2 - t0, "launch_s": t1 - t0, "kernel_info_s": t2 - t1}
     if keep:
         return rec, km, kc
+    t3 = perf()
     await direct_stop(km, kc)
+    rec["delete_s"] = perf() - t3
     return rec, None, None
 
 
@@ -571,77 +364,331 @@ def kernel_pid(km):
     return getattr(prov, "pid", None) or getattr(getattr(prov, "process", None), "pid", None)
 
 
-async def run_direct(args) -> dict:
-    res = {"kind": "direct"}
-    if "start" in args.sections:
-        log(f"[direct] kernel starts x{args.starts} (+1 warm-up)")
-        await direct_start_once(args)
-        recs = [(await direct_start_once(args))[0] for _ in range(args.starts)]
-        res["start"] = {k: statistics.median(r[k] for r in recs) for k in recs[0]}
-        res["start"]["n"] = len(recs)
+# ----------------------------------------------------------------------------------------------
+# execution paths: each runs one execute_request and reports when reply + idle arrived
+# ----------------------------------------------------------------------------------------------
+def _mid(msg):
+    return (msg.get("parent_header") or {}).get("msg_id")
 
-    if "rt" in args.sections or "flood" in args.sections:
-        _, km, kc = await direct_start_once(args, keep=True)
+
+_DELIM = b"<IDS|MSG>"
+
+
+class DirectPath:
+    """jupyter_client AsyncKernelClient straight to the kernel.
+
+    ``raw=False``: the public API (``kc.execute`` + ``get_msg`` = full deserialize, HMAC check,
+    date parsing per message).  ``raw=True``: the same sockets, ``recv_multipart`` and only the
+    header/parent decoded, i.e. about what a lean proxy has to do per message.
+    """
+
+    def __init__(self, name, target, km, kc, raw):
+        self.name, self.target, self.km, self.kc, self.raw = name, target, km, kc, raw
         pid = kernel_pid(km)
-        try:
-            for key, fn in (("zmq", direct_exec), ("zmq-raw", direct_exec_raw)):
-                if key == "zmq-raw" and not args.raw:
-                    continue
-                meter = CpuMeter(kernel_pids=[pid] if pid else [])
-                if "rt" in args.sections:
-                    log(f"[direct] {key}: round trips x{args.iterations}")
-                    for _ in range(args.warmup):
-                        await fn(kc, args.code, args.timeout)
-                    times, errors = [], 0
-                    with meter:
-                        for _ in range(args.iterations):
-                            r = await fn(kc, args.code, args.timeout)
-                            times.append(r["end"] - r["t0"])
-                            errors += r["status"] != "ok"
-                    res.setdefault("rt", {})[key] = {**summarize(times), "errors": errors,
-                                                     **meter.as_dict(per=args.iterations)}
-                if "flood" in args.sections:
-                    log(f"[direct] {key}: flood {args.flood} x{args.flood_repeats}")
-                    runs = []
-                    for _ in range(args.flood_repeats):
-                        with meter:
-                            t0 = perf()
-                            try:
-                                r = await fn(kc, FLOOD_CODE.format(n=args.flood), args.flood_timeout)
-                                run = {"delivered": r["stdout"], "other_streams": r["other"], "idle": True,
-                                       "reply": r["status"], "timed_out": False,
-                                       "time_to_idle_s": r["end"] - r["t0"]}
-                            except asyncio.TimeoutError:
-                                run = {"delivered": None, "other_streams": None, "idle": False, "reply": None,
-                                       "timed_out": True, "time_to_idle_s": perf() - t0}
-                        run["msgs_per_s"] = (run["delivered"] or 0) / run["time_to_idle_s"]
-                        run["expected"] = args.flood
-                        runs.append({**run, **meter.as_dict()})
-                        if run["timed_out"]:
-                            break
-                        await asyncio.sleep(0.2)
-                    fl = flood_summary(runs)
-                    fl["all_complete"] = all(r["idle"] and r["delivered"] == args.flood for r in runs)
-                    res.setdefault("flood", {})[key] = fl
-        finally:
-            await direct_stop(km, kc)
+        self.meter = CpuMeter(kernel_pids=[pid] if pid else [])
 
-    if "concurrent" in args.sections:
-        n = args.concurrent
-        log(f"[direct] {n} concurrent kernel starts")
+    async def execute(self, code, timeout, quiet):
+        return await (self._raw if self.raw else self._api)(code, timeout, quiet)
+
+    async def _api(self, code, timeout, quiet):
+        kc = self.kc
+        t0 = perf()
+        msg_id = kc.execute(code, store_history=False)
+        deadline = t0 + timeout
+        stdout = other = 0
+        t_idle = t_reply = reply = None
+        t_last = t0
+        while t_idle is None:
+            now = perf()
+            if now >= deadline:
+                break
+            try:
+                msg = await kc.iopub_channel.get_msg(timeout=min(deadline - now, quiet))
+            except queue.Empty:
+                if reply is None:  # was the reply already there?
+                    try:
+                        while reply is None:
+                            m = await kc.shell_channel.get_msg(timeout=0.001)
+                            if _mid(m) == msg_id:
+                                reply, t_reply = m, perf()
+                    except queue.Empty:
+                        pass
+                if reply is not None and perf() - max(t_last, t_reply) > quiet:
+                    break  # reply here, iopub silent: the idle status was lost
+                continue
+            if _mid(msg) != msg_id:
+                continue
+            t_last = perf()
+            mt = msg["msg_type"]
+            if mt == "stream":
+                if msg["content"].get("name") == "stdout":
+                    stdout += 1
+                else:
+                    other += 1
+            elif mt == "status" and msg["content"]["execution_state"] == "idle":
+                t_idle = t_last
+        while reply is None and perf() < deadline:
+            try:
+                m = await kc.shell_channel.get_msg(timeout=max(0.001, deadline - perf()))
+            except queue.Empty:
+                break
+            if _mid(m) == msg_id:
+                reply, t_reply = m, perf()
+        return _result(t0, t_reply, t_idle, stdout, other, (reply or {}).get("content", {}).get("status"))
+
+    async def _raw(self, code, timeout, quiet):
+        import zmq
+
+        loads = json.loads
+        kc = self.kc
+        iopub, shell = kc.iopub_channel.socket, kc.shell_channel.socket
+        t0 = perf()
+        msg_id = kc.execute(code, store_history=False)
+        deadline = t0 + timeout
+        stdout = other = 0
+        t_idle = t_reply = status = None
+        t_last = t0
+
+        async def poll_reply(wait_ms):
+            nonlocal t_reply, status
+            while t_reply is None and await shell.poll(wait_ms):
+                frames = await shell.recv_multipart()
+                i = frames.index(_DELIM)
+                if loads(frames[i + 3]).get("msg_id") == msg_id:
+                    t_reply = perf()
+                    status = loads(frames[i + 5]).get("status")
+
+        while t_idle is None:
+            try:
+                frames = await iopub.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                now = perf()
+                if now >= deadline:
+                    break
+                if not await iopub.poll(int(min(deadline - now, quiet) * 1000) + 1):
+                    await poll_reply(0)
+                    if t_reply is not None and perf() - max(t_last, t_reply) > quiet:
+                        break
+                continue
+            i = frames.index(_DELIM)
+            if loads(frames[i + 3]).get("msg_id") != msg_id:
+                continue
+            t_last = perf()
+            mt = loads(frames[i + 2])["msg_type"]
+            if mt == "stream":
+                if loads(frames[i + 5]).get("name") == "stdout":
+                    stdout += 1
+                else:
+                    other += 1
+            elif mt == "status" and loads(frames[i + 5])["execution_state"] == "idle":
+                t_idle = t_last
+        if t_reply is None:
+            await poll_reply(int(max(0.0, deadline - perf()) * 1000) + 1)
+        return _result(t0, t_reply, t_idle, stdout, other, status)
+
+    async def close(self):
+        pass
+
+
+class WsPath:
+    """A websocket (legacy JSON or v1 binary) through a gateway, one kernel of its own."""
+
+    def __init__(self, name, target, gw, kid, ws, kernel_pids):
+        self.name, self.target, self.gw, self.kid, self.ws = name, target, gw, kid, ws
+        self.meter = CpuMeter(gateway_pid=gw.proc.pid, kernel_pids=kernel_pids)
+
+    async def execute(self, code, timeout, quiet):
+        t0 = perf()
+        p = self.ws.execute(code)
+        await self.ws.settle(p, timeout, quiet)
+        return _result(t0, p.t_reply, p.t_idle, p.streams, p.other_streams, (p.reply or {}).get("status"))
+
+    async def close(self):
+        self.ws.close()
+        await self.gw.delete_kernel(self.kid)
+
+
+def _result(t0, t_reply, t_idle, stdout, other, status):
+    done = t_reply is not None and t_idle is not None
+    end = max(t_reply, t_idle) if done else perf()
+    return {"t0": t0, "end": end, "elapsed_s": end - t0, "complete": done, "idle": t_idle is not None,
+            "reply": status, "stdout": stdout, "other": other}
+
+
+async def open_paths(targets, args):
+    """One kernel for the direct paths (zmq API + raw share it), one kernel per gateway protocol."""
+    paths = []
+    for name, t in targets.items():
+        if t["kind"] == "direct":
+            _, km, kc = await direct_start_once(args, keep=True)
+            paths.append(DirectPath("direct zmq", name, km, kc, raw=False))
+            if args.raw:
+                paths.append(DirectPath("direct zmq-raw", name, km, kc, raw=True))
+            t["_kernel"] = (km, kc)
+            continue
+        gw = t["_gw"]
+        for proto in args.protocols:
+            key = f"ws-{'json' if proto == 'legacy' else 'v1'}"
+            before = set(ps.descendants(gw.proc.pid))
+            try:
+                _, kid, ws = await gw_start_once(gw, args, keep=True, protocol=proto)
+            except Exception as e:  # e.g. v1 not offered by the server
+                t["res"].setdefault("errors", {})[key] = repr(e)
+                log(f"[{name}] {key}: {e!r}")
+                continue
+            kpids = sorted(set(ps.descendants(gw.proc.pid)) - before)
+            gw.remember_children()
+            t["res"].setdefault("client_tcp_nodelay", ws.nodelay())
+            paths.append(WsPath(f"{name} {key}", name, gw, kid, ws, kpids))
+    return paths
+
+
+async def close_paths(paths, targets):
+    for p in paths:
+        try:
+            await p.close()
+        except Exception as e:
+            log(f"  close {p.name}: {e!r}")
+    for t in targets.values():
+        if "_kernel" in t:
+            await direct_stop(*t.pop("_kernel"))
+
+
+async def bench_round_trips(paths, args, results):
+    """Interleaved: blocks of ``--block`` iterations per path, round robin, so background load
+    hits all paths alike."""
+    for p in paths:
+        for _ in range(args.warmup):
+            await p.execute(args.code, args.timeout, args.timeout)
+    times = {p.name: [] for p in paths}
+    errors = {p.name: 0 for p in paths}
+    cpu = {p.name: [0.0, 0.0, 0.0] for p in paths}
+    done = 0
+    while done < args.iterations:
+        n = min(args.block, args.iterations - done)
+        for p in paths:
+            with p.meter:
+                for _ in range(n):
+                    r = await p.execute(args.code, args.timeout, args.timeout)
+                    if not r["complete"] or r["reply"] != "ok":
+                        errors[p.name] += 1
+                        continue
+                    times[p.name].append(r["elapsed_s"])
+            c = cpu[p.name]
+            c[0] += p.meter.gateway
+            c[1] += p.meter.kernel
+            c[2] += p.meter.client
+        done += n
+    for p in paths:
+        it = max(1, len(times[p.name]))
+        d = {**summarize(times[p.name]), "errors": errors[p.name],
+             "kernel_cpu_s": cpu[p.name][1] / it, "client_cpu_s": cpu[p.name][2] / it}
+        if isinstance(p, WsPath):
+            d["gateway_cpu_s"] = cpu[p.name][0] / it
+        results[p.target].setdefault("rt", {})[p.name.split(" ", 1)[1]] = d
+
+
+async def bench_flood(paths, args, results):
+    code = FLOOD_CODE.format(n=args.flood)
+    runs = {p.name: [] for p in paths}
+    broken = set()
+    for rep in range(args.flood_repeats):
+        for p in paths:
+            if p.name in broken:
+                continue
+            log(f"  flood {rep + 1}/{args.flood_repeats} {p.name}")
+            with p.meter:
+                r = await p.execute(code, args.flood_timeout, args.flood_quiet)
+            run = {"delivered": r["stdout"], "other_streams": r["other"], "idle": r["idle"], "reply": r["reply"],
+                   "complete": r["complete"] and r["stdout"] == args.flood, "time_to_idle_s": r["elapsed_s"],
+                   "msgs_per_s": r["stdout"] / r["elapsed_s"], "kernel_cpu_s": p.meter.kernel,
+                   "client_cpu_s": p.meter.client}
+            if isinstance(p, WsPath):
+                run["gateway_cpu_s"] = p.meter.gateway
+                run["gateway_rss_mb_after"] = (ps.rss_kb(p.gw.proc.pid) or 0) / 1024
+            runs[p.name].append(run)
+            if not r["idle"]:
+                # the kernel may still be busy / output still queued: settle before the next path runs
+                await asyncio.sleep(1.0)
+                if r["reply"] is None:
+                    broken.add(p.name)
+            await asyncio.sleep(0.3)
+    for p in paths:
+        rs = runs[p.name]
+        if not rs:
+            continue
+        med = sorted(rs, key=lambda r: r["time_to_idle_s"])[len(rs) // 2]
+        results[p.target].setdefault("flood", {})[p.name.split(" ", 1)[1]] = {
+            **med, "all_complete": all(r["complete"] for r in rs), "runs": rs}
+
+
+async def bench_starts(targets, args):
+    """Warm-up once per target, then ``--starts`` rounds, round robin over targets."""
+    recs = {name: [] for name in targets}
+    for rnd in range(args.starts + 1):
+        for name, t in targets.items():
+            if t["kind"] == "direct":
+                rec = (await direct_start_once(args))[0]
+            else:
+                rec = (await gw_start_once(t["_gw"], args))[0]
+            if rnd:
+                recs[name].append(rec)
+    for name, rs in recs.items():
+        targets[name]["res"]["start"] = {**{k: statistics.median(r[k] for r in rs) for k in rs[0]},
+                                         "n": len(rs), "all_s": [r["total_s"] for r in rs]}
+
+
+async def bench_concurrent(name, t, args):
+    n = args.concurrent
+    res = t["res"]
+    log(f"[{name}] {n} concurrent kernel starts")
+    if t["kind"] == "direct":
         t0 = perf()
         out = await asyncio.wait_for(asyncio.gather(*(direct_start_once(args, keep=True) for _ in range(n))),
                                      args.start_timeout * 2)
         wall = perf() - t0
         await asyncio.sleep(1.0)
-        pids = [kernel_pid(km) for _, km, _ in out]
-        kern_rss = [ps.rss_kb(p) or 0 for p in pids if p]
+        kern_rss = [ps.rss_kb(p) or 0 for p in (kernel_pid(km) for _, km, _ in out) if p]
         t1 = perf()
         await asyncio.gather(*(direct_stop(km, kc) for _, km, kc in out))
         res["concurrent"] = {"n": n, "wall_s": wall, "median_s": statistics.median(r["total_s"] for r, _, _ in out),
                              "max_s": max(r["total_s"] for r, _, _ in out), "delete_all_s": perf() - t1}
         res["mem"] = {"kernel_rss_per_kernel_mb": sum(kern_rss) / 1024 / max(1, len(kern_rss))}
-    return res
+        return
+    gw = t["_gw"]
+    await asyncio.sleep(1.0)
+    rss0, _, _ = ps.tree_rss_kb(gw.proc.pid)
+    t0 = perf()
+    out = await asyncio.wait_for(asyncio.gather(*(gw_start_once(gw, args, keep=True) for _ in range(n))),
+                                 args.start_timeout * 2)
+    wall = perf() - t0
+    gw.remember_children()
+    await asyncio.sleep(1.0)
+    rss1, kids1, nk1 = ps.tree_rss_kb(gw.proc.pid)
+    for _, _, ws in out:
+        ws.close()
+    await asyncio.sleep(1.0)
+    rss2, _, _ = ps.tree_rss_kb(gw.proc.pid)
+    t1 = perf()
+    await asyncio.gather(*(gw.delete_kernel(kid) for _, kid, _ in out))
+    del_wall = perf() - t1
+    await asyncio.sleep(1.0)
+    rss3, _, nk3 = ps.tree_rss_kb(gw.proc.pid)
+    res["concurrent"] = {"n": n, "wall_s": wall, "median_s": statistics.median(r["total_s"] for r, _, _ in out),
+                         "max_s": max(r["total_s"] for r, _, _ in out), "delete_all_s": del_wall}
+    res["mem"] = {
+        "idle_startup_mb": res["mem_startup"]["gateway_rss_mb"],
+        "idle_before_mb": rss0 / 1024,
+        "with_kernels_ws_mb": rss1 / 1024,
+        "with_kernels_no_ws_mb": rss2 / 1024,
+        "after_delete_mb": rss3 / 1024,
+        "per_kernel_ws_mb": (rss1 - rss0) / 1024 / n,
+        "per_kernel_no_ws_mb": (rss2 - rss0) / 1024 / n,
+        "children": nk1,
+        "children_rss_mb": kids1 / 1024,
+        "kernel_rss_per_kernel_mb": kids1 / 1024 / max(1, nk1),
+        "children_after_delete": nk3,
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -673,6 +720,10 @@ def ratio(a, b):
 
 def report(results, args):
     targets = results["targets"]
+    meta = results["meta"]
+    print(f"\nkernel gateway benchmark {meta['time']}  cpus={meta['cpus']}  "
+          f"loadavg start={'/'.join(f'{x:.1f}' for x in meta['loadavg_start'])} "
+          f"end={'/'.join(f'{x:.1f}' for x in meta.get('loadavg_end', ()))}  {meta.get('versions', '')}")
     direct = targets.get("direct", {})
     drt = direct.get("rt", {}).get("zmq", {})
     draw = direct.get("rt", {}).get("zmq-raw", {})
@@ -691,17 +742,21 @@ def report(results, args):
 
     dfl = direct.get("flood", {}).get("zmq", {})
     dfr = direct.get("flood", {}).get("zmq-raw", {})
+    dfl_t = dfl.get("time_to_idle_s") if dfl.get("all_complete") else None
+    dfr_t = dfr.get("time_to_idle_s") if dfr.get("all_complete") else None
     rows = []
     for name, t in targets.items():
         for key, r in t.get("flood", {}).items():
-            rows.append([f"{name} {key}", f"{f(r.get('delivered'))}/{args.flood}", r.get("idle"), r.get("time_to_idle_s"),
-                         (r.get("msgs_per_s") or 0) / 1000, ratio(r.get("time_to_idle_s"), dfl.get("time_to_idle_s")),
-                         ratio(r.get("time_to_idle_s"), dfr.get("time_to_idle_s")),
+            rows.append([f"{name} {key}", f"{f(r.get('delivered'))}/{args.flood}", r.get("idle"),
+                         r.get("all_complete"), r.get("time_to_idle_s"), (r.get("msgs_per_s") or 0) / 1000,
+                         ratio(r.get("time_to_idle_s"), dfl_t), ratio(r.get("time_to_idle_s"), dfr_t),
                          r.get("gateway_cpu_s"), r.get("kernel_cpu_s"), r.get("client_cpu_s"), r.get("other_streams")])
     if rows:
-        table(f"output flood: {args.flood} stream msgs in one cell, median of {args.flood_repeats} (s)",
-              ["path", "delivered", "idle", "to idle", "kmsg/s", "x direct", "x raw", "gw cpu", "kern cpu",
-               "client cpu", "other streams"], rows)
+        table(f"output flood: {args.flood} stream msgs in one cell, median of {args.flood_repeats} runs (s)",
+              ["path", "delivered", "idle", "all runs ok", "to idle", "kmsg/s", "x direct", "x raw", "gw cpu",
+               "kern cpu", "client cpu", "stderr msgs"], rows)
+        print("  (x direct / x raw only against a baseline that delivered everything; "
+              "'to idle' of an incomplete run = until the reply and iopub went quiet)")
 
     ds = direct.get("start", {})
     dc = direct.get("concurrent", {})
@@ -734,6 +789,8 @@ def report(results, args):
                "after delete", "kernel rss/k", "children"], rows)
         if direct.get("mem"):
             print(f"  (direct kernels: {direct['mem']['kernel_rss_per_kernel_mb']:.1f} MB RSS per kernel)")
+    for name, err in (meta.get("section_errors") or {}).items():
+        print(f"\n!! section {name}: {err}")
     for name, t in targets.items():
         if t.get("error"):
             print(f"\n!! {name}: {t['error']}")
@@ -782,12 +839,17 @@ def parse_args(argv=None):
     ap.add_argument("--sections", default="start,rt,flood,concurrent",
                     help="subset of start,rt,flood,concurrent (concurrent includes memory)")
     ap.add_argument("--no-raw", dest="raw", action="store_false", help="skip the raw-ZMQ direct variant")
+    ap.add_argument("--block", type=int, default=25, help="round-trip iterations per path before switching")
     ap.add_argument("--timeout", type=float, default=30.0, help="per request")
     ap.add_argument("--flood-timeout", type=float, default=180.0)
+    ap.add_argument("--flood-quiet", type=float, default=5.0,
+                    help="flood: give up waiting for idle once the reply arrived and iopub was silent this long")
     ap.add_argument("--start-timeout", type=float, default=120.0)
     ap.add_argument("--quick", action="store_true", help="few iterations (smoke test)")
     ap.add_argument("--json", type=Path, help="write all results to this file")
     ap.add_argument("--keep-tmp", action="store_true")
+    ap.add_argument("--strict", action="store_true",
+                    help="exit 2 if a gateway path dropped flood output, lost the idle, or had round-trip errors")
     args = ap.parse_args(argv)
     if args.quick:
         args.iterations, args.warmup, args.flood, args.flood_repeats = 30, 5, 2000, 1
@@ -801,53 +863,94 @@ async def amain(args, tmp: Path) -> dict:
     from tornado.httpclient import AsyncHTTPClient
 
     AsyncHTTPClient.configure(None, max_clients=64)
-    results = {"meta": {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "python": sys.version.split()[0],
-        "platform": platform.platform(), "cpus": os.cpu_count(), "kernel_python": args.kernel_python,
-        "args": {k: (sorted(v) if isinstance(v, set) else str(v) if isinstance(v, Path) else v)
-                 for k, v in vars(args).items()},
-    }, "targets": {}}
+    meta = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "python": sys.version.split()[0],
+            "platform": platform.platform(), "cpus": os.cpu_count(), "kernel_python": args.kernel_python,
+            "loadavg_start": os.getloadavg(),
+            "args": {k: (sorted(v) if isinstance(v, set) else str(v) if isinstance(v, Path) else v)
+                     for k, v in vars(args).items()}}
     try:
         import ipykernel
         import jupyter_client
         import tornado
         import zmq
-        results["meta"]["versions"] = {"jupyter_client": jupyter_client.__version__, "ipykernel": ipykernel.__version__,
-                                       "tornado": tornado.version, "pyzmq": zmq.__version__}
+        meta["versions"] = {"jupyter_client": jupyter_client.__version__, "ipykernel": ipykernel.__version__,
+                            "tornado": tornado.version, "pyzmq": zmq.__version__}
     except Exception:
         pass
 
+    targets: dict[str, dict] = {}
     if not args.no_direct:
-        try:
-            results["targets"]["direct"] = await run_direct(args)
-        except Exception as e:
-            results["targets"]["direct"] = {"kind": "direct", "error": repr(e)}
-            log(f"[direct] FAILED: {e!r}")
-
+        targets["direct"] = {"kind": "direct", "res": {"kind": "direct"}}
     gateways = []
     if not args.no_gateway:
-        env = {"PYTHONPATH": os.pathsep.join([str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
-        gateways.append(Gateway(args.gateway_name, args.gateway_cmd, tmp, args.gateway_arg, env))
+        pp = [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        gateways.append(Gateway(args.gateway_name, args.gateway_cmd, tmp, args.gateway_arg,
+                                {"PYTHONPATH": os.pathsep.join(pp)}))
     for peer in args.peer:
         if peer == "kg":
             venv = ensure_peer_venv(args.peer_venv.resolve())
             gateways.append(Gateway("kg", KG_CMD, tmp, args.peer_arg, {"PYTHONPATH": ""}, venv=venv))
-    for gw in gateways:
-        try:
-            results["targets"][gw.name] = await run_gateway(gw, args)
-        except Exception as e:
-            results["targets"][gw.name] = {**results["targets"].get(gw.name, {}), "kind": "gateway",
-                                           "error": f"{e!r}\n{gw.log_tail(15) if gw.log_path else ''}"}
-            log(f"[{gw.name}] FAILED: {e!r}")
-        finally:
+
+    failed = {}
+    try:
+        for gw in gateways:
+            res = {"kind": "gateway", "cmd": gw.cmd, "extra_args": gw.extra_args}
+            log(f"[{gw.name}] starting: {gw.cmd} {' '.join(gw.extra_args)}")
+            try:
+                res["ready_s"] = gw.start(args.start_timeout)
+            except Exception as e:
+                failed[gw.name] = {**res, "error": str(e)}
+                log(f"[{gw.name}] FAILED to start: {e}")
+                continue
+            res["pid"] = gw.proc.pid
+            await asyncio.sleep(0.5)
+            rss, kids_rss, nkids = ps.tree_rss_kb(gw.proc.pid)
+            res["mem_startup"] = {"gateway_rss_mb": rss / 1024, "children_rss_mb": kids_rss / 1024,
+                                  "children": nkids}
+            log(f"[{gw.name}] ready in {res['ready_s']:.2f}s, rss {rss / 1024:.1f} MB")
+            targets[gw.name] = {"kind": "gateway", "res": res, "_gw": gw}
+
+        async def section(name, coro):
+            try:
+                await coro
+            except Exception as e:
+                log(f"[{name}] FAILED: {e!r}")
+                meta.setdefault("section_errors", {})[name] = repr(e)
+
+        if "start" in args.sections:
+            log(f"[all] kernel starts: {args.starts} rounds (+1 warm-up), round robin")
+            await section("start", bench_starts(targets, args))
+        if args.sections & {"rt", "flood"}:
+            paths = []
+            try:
+                paths = await open_paths(targets, args)
+                if "rt" in args.sections:
+                    log(f"[all] round trips: {args.iterations} x {len(paths)} paths, blocks of {args.block}")
+                    await section("rt", bench_round_trips(paths, args, {n: t["res"] for n, t in targets.items()}))
+                if "flood" in args.sections:
+                    log(f"[all] flood: {args.flood} msgs x {args.flood_repeats} x {len(paths)} paths")
+                    await section("flood", bench_flood(paths, args, {n: t["res"] for n, t in targets.items()}))
+                for p in paths:
+                    if isinstance(p, WsPath):
+                        targets[p.target]["res"].setdefault("ws_unmatched", {})[p.name] = p.ws.unmatched
+            finally:
+                await close_paths(paths, targets)
+        if "concurrent" in args.sections:
+            for name, t in targets.items():
+                await section(f"{name} concurrent", bench_concurrent(name, t, args))
+    finally:
+        for gw in gateways:
             try:
                 await asyncio.wait_for(gw.delete_all(), 60)
             except Exception:
                 pass
             gw.stop()
-            if gw.log_path is not None:
-                results["targets"][gw.name]["log"] = str(gw.log_path)
-    return results
+            if gw.name in targets:
+                targets[gw.name]["res"]["log_tail"] = gw.log_tail(5)
+    meta["loadavg_end"] = os.getloadavg()
+    out = {name: t["res"] for name, t in targets.items()}
+    out.update(failed)
+    return {"meta": meta, "targets": out}
 
 
 def main(argv=None):
@@ -866,11 +969,21 @@ def main(argv=None):
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     failed = [n for n, t in results["targets"].items() if t.get("error")]
+    failed += list(results["meta"].get("section_errors") or ())
     incomplete = [f"{n} {k}" for n, t in results["targets"].items() for k, fl in t.get("flood", {}).items()
                   if not fl.get("all_complete")]
     if incomplete:
         print(f"\nflood incomplete (dropped messages or no idle): {', '.join(incomplete)}")
-    return 1 if failed else 0
+    if failed:
+        return 1
+    if args.strict:
+        bad = [i for i in incomplete if not i.startswith("direct ")]
+        bad += [f"{n} {k} errors" for n, t in results["targets"].items() if t.get("kind") == "gateway"
+                for k, r in t.get("rt", {}).items() if r.get("errors")]
+        if bad:
+            print(f"strict: failing for {', '.join(bad)}")
+            return 2
+    return 0
 
 
 if __name__ == "__main__":

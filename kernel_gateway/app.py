@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from jupyter_client.provisioning import KernelProvisionerFactory
 from jupyter_core.paths import jupyter_config_path
 from tornado import httpserver, web
@@ -236,6 +236,7 @@ class GatewayApp(EnvConfigurable, Application):
         self.parse_command_line(argv)
         if self.subapp is not None:
             return
+        configure_logging(self.log_level, "json" if self.json_logs else "text")
         self._read_config_files()
         configure_logging(self.log_level, "json" if self.json_logs else "text")
         self.log = logging.getLogger("kernel_gateway")
@@ -288,7 +289,12 @@ class GatewayApp(EnvConfigurable, Application):
             )
         factory = KernelProvisionerFactory.instance(parent=self.registry)
         for name in sorted(specs):
-            spec = self.kernel_spec_manager.get_kernel_spec(name)
+            try:
+                spec = self.kernel_spec_manager.get_kernel_spec(name)
+            except NoSuchKernel:
+                # jupyter_client hides a spec whose provisioner is not installed
+                raise TraitError(f"kernelspec {name!r} names a provisioner that is not installed; installed: "
+                                 f"{', '.join(e.name for e in KernelProvisionerFactory._get_all_provisioners())}") from None
             provisioner = (spec.metadata or {}).get("kernel_provisioner", {}).get("provisioner_name") or (
                 factory.default_provisioner_name
             )
@@ -335,7 +341,8 @@ class GatewayApp(EnvConfigurable, Application):
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        server = httpserver.HTTPServer(self.web_app(state), max_body_size=self.max_body_size, xheaders=False)
+        # bodies over max_body_size are answered 413 by the handlers; this hard cap only bounds what is read
+        server = httpserver.HTTPServer(self.web_app(state), max_body_size=16 * self.max_body_size, xheaders=False)
         try:
             server.listen(self.port, self.ip)
         except OSError as exc:

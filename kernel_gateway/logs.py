@@ -54,6 +54,7 @@ class JSONFormatter(logging.Formatter):
 def configure_logging(level: int | str, fmt: str) -> None:
     """Send the gateway's, tornado's and jupyter_client's loggers to stderr in ``fmt`` ("text" or "json")."""
     handler = logging.StreamHandler()
+    handler.setLevel(level)
     handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

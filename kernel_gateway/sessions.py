@@ -6,7 +6,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import BadRequestError, UnknownSessionError
+from .errors import UnknownSessionError
 from .kernels import KernelRegistry
 
 __all__ = ["Session", "SessionStore"]
@@ -64,10 +64,9 @@ class SessionStore:
         return session
 
     def update(self, session: Session, changes: dict[str, Any]) -> None:
+        """Apply already-validated ``path``/``name``/``type`` changes."""
         for key in ("path", "name", "type"):
             if key in changes:
-                if not isinstance(changes[key], str):
-                    raise BadRequestError(f"session '{key}' must be a string")
                 setattr(session, key, changes[key])
 
     def delete(self, session_id: str) -> Session:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import subprocess
 from typing import Any
 
 from jupyter_client.provisioning import LocalProvisioner
 from traitlets import TraitError, Unicode, validate
+
+from launchers import PYTHON_LAUNCHER
 
 from .envconfig import EnvConfigurable
 from .errors import PortRangeError
@@ -14,6 +19,8 @@ from .ports import KERNEL_PORT_COUNT, PortAllocator, parse_port_range
 __all__ = ["PortRangeLocalProvisioner"]
 
 _PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
+#: Besides its five channels, ipykernel binds one more port for itself (the iopub pipe).
+_SPARE_PORTS = 1
 
 
 class PortRangeLocalProvisioner(LocalProvisioner, EnvConfigurable):  # type: ignore[misc]
@@ -21,6 +28,8 @@ class PortRangeLocalProvisioner(LocalProvisioner, EnvConfigurable):  # type: ign
 
     Ports are reserved in the process-wide :class:`PortAllocator` from ``pre_launch`` until the
     kernel is cleaned up for good; a restart keeps them, so clients reconnect to the same ports.
+    An ipykernel spec is run through our launcher, which keeps the ports ipykernel picks for
+    itself inside the range too. The kernel's output is logged line by line with its id.
     """
 
     port_range = Unicode(
@@ -32,6 +41,7 @@ class PortRangeLocalProvisioner(LocalProvisioner, EnvConfigurable):  # type: ign
     port_range_env = "GATEWAY_PORT_RANGE"
 
     _held_ports: tuple[int, ...] = ()
+    _output_task: asyncio.Task | None = None
 
     @validate("port_range")
     def _validate_port_range(self, proposal: dict[str, Any]) -> str:
@@ -44,27 +54,57 @@ class PortRangeLocalProvisioner(LocalProvisioner, EnvConfigurable):  # type: ign
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         """Reserve ports in the range, then let the local provisioner write the connection file.
 
-        Called by ``KernelManager.pre_start_kernel`` before every (re)start.
+        Called by ``KernelManager.pre_start_kernel`` before every (re)start; calls ``super()`` last.
         """
         port_range = parse_port_range(self.port_range)
         km = self.parent
         if port_range is not None and km is not None:
             if not self._held_ports:
-                self._held_ports = tuple(PortAllocator.instance().allocate(KERNEL_PORT_COUNT, port_range, km.ip))
+                count = KERNEL_PORT_COUNT + _SPARE_PORTS
+                self._held_ports = tuple(PortAllocator.instance().allocate(count, port_range, km.ip))
             km.cache_ports = False
             for name, port in zip(_PORT_NAMES, self._held_ports):
                 setattr(km, name, port)
+            self._run_through_launcher(str(port_range), self._held_ports[KERNEL_PORT_COUNT:])
         return await super().pre_launch(**kwargs)
+
+    def _run_through_launcher(self, port_range: str, spare: tuple[int, ...]) -> None:
+        """Rewrite the standard ipykernel argv to start the kernel through our launcher's local mode."""
+        argv = list(self.kernel_spec.argv)
+        if argv[1:3] not in (["-m", "ipykernel_launcher"], ["-m", "ipykernel"]):
+            return  # another kernel: its five connection ports are in range; what else it binds is its own
+        rest = [arg for arg in argv[3:] if arg not in ("-f", "{connection_file}")]
+        self.kernel_spec.argv = [argv[0], str(PYTHON_LAUNCHER), "--connection-file", "{connection_file}",
+                                 "--port-range", port_range, "--spare-ports", ",".join(map(str, spare)), *rest]
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> dict[str, Any]:
+        """Start the process with its output piped to our log. Called by ``KernelManager``."""
+        kwargs.setdefault("stdout", subprocess.PIPE)
+        kwargs.setdefault("stderr", subprocess.STDOUT)
+        info = await super().launch_kernel(cmd, **kwargs)
+        if self.process is not None and self.process.stdout is not None:
+            self._output_task = asyncio.ensure_future(self._log_output(self.process.stdout))
+        return info
+
+    async def _log_output(self, pipe: Any) -> None:
+        log = logging.LoggerAdapter(logging.getLogger("kernel_gateway.kernel_output"), {"kernel_id": self.kernel_id})
+        reader = asyncio.StreamReader()
+        await asyncio.get_running_loop().connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+        while line := await reader.readline():
+            log.info("%s", line.decode(errors="replace").rstrip())
 
     async def cleanup(self, restart: bool = False) -> None:
         """Release the ports unless the kernel is restarting. Called from ``KernelManager.cleanup_resources``."""
         await super().cleanup(restart=restart)
+        if self._output_task is not None:
+            self._output_task.cancel()
+            self._output_task = None
         if not restart and self._held_ports:
             PortAllocator.instance().release(self._held_ports)
             self._held_ports = ()
 
-    def get_provisioner_info(self) -> dict[str, Any]:
-        info = super().get_provisioner_info()
+    async def get_provisioner_info(self) -> dict[str, Any]:
+        info = await super().get_provisioner_info()
         info["held_ports"] = list(self._held_ports)
         return info
 

@@ -244,8 +244,8 @@ class RemoteProvisioner(KernelProvisionerBase, EnvConfigurable):  # type: ignore
         self.launch_info = None
         self._token = None
 
-    def get_provisioner_info(self) -> dict[str, Any]:
-        info = super().get_provisioner_info()
+    async def get_provisioner_info(self) -> dict[str, Any]:
+        info = await super().get_provisioner_info()
         if self.launch_info is not None:
             info.update(pid=self.launch_info.pid, hostname=self.launch_info.hostname,
                         control_port=self.launch_info.control_port)

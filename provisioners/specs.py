@@ -18,9 +18,11 @@ from jupyter_client.kernelspec import KernelSpecManager
 from traitlets import Bool, List, Unicode
 from traitlets.config import Application
 
+from launchers import PYTHON_LAUNCHER
+
 __all__ = ["SSHSpecApp", "SpecsApp", "launcher_argv"]
 
-LAUNCHER = Path(__file__).resolve().parents[1] / "launchers" / "python" / "launch_ipykernel.py"
+LAUNCHER = PYTHON_LAUNCHER
 
 
 def launcher_argv(python: str, launcher: str) -> list[str]:

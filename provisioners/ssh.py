@@ -294,8 +294,8 @@ class SSHProvisioner(RemoteProvisioner):
         if not restart:
             self._release_host()
 
-    def get_provisioner_info(self) -> dict[str, Any]:
-        info = super().get_provisioner_info()
+    async def get_provisioner_info(self) -> dict[str, Any]:
+        info = await super().get_provisioner_info()
         info.update(host=self.host, remote_pid=self._pid)
         return info
 

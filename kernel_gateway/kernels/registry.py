@@ -28,7 +28,7 @@ from provisioners.errors import LaunchError, LaunchTimeoutError, ProvisionerErro
 
 from ..bridge import KernelBridge, KernelMessage
 from ..bridge.channels import UNTRACKED_PARENTS
-from ..errors import ConflictError, UnknownKernelError, UnknownKernelSpecError
+from ..errors import ConflictError, NotReadyError, UnknownKernelError, UnknownKernelSpecError
 from ..policy import GatewayPolicy
 
 __all__ = ["KernelRegistry", "ManagedKernel"]
@@ -136,9 +136,10 @@ class KernelRegistry(EnvConfigurable):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.kernels: dict[str, ManagedKernel] = {}
-        self._starting: dict[str, str] = {}  # kernel id -> user, for starts in flight
+        self._starting: dict[str, ManagedKernel] = {}  # starts in flight
         self._context: zmq.asyncio.Context | None = None
         self._expiry: asyncio.Task | None = None
+        self._stopping = False
 
     async def start(self) -> None:
         """Open the ZMQ context and the task that expires detached sessions. Called by the app."""
@@ -155,8 +156,13 @@ class KernelRegistry(EnvConfigurable):
 
     async def stop(self) -> None:
         """Shut every kernel down cleanly, then close the context. Called by the app on exit."""
+        self._stopping = True
         if self._expiry:
             self._expiry.cancel()
+        await asyncio.gather(*(self._discard(k) for k in list(self._starting.values())), return_exceptions=True)
+        deadline = time.monotonic() + self.shutdown_timeout
+        while self._starting and time.monotonic() < deadline:  # let abandoned starts answer their clients
+            await asyncio.sleep(0.05)
         await asyncio.gather(*(self.shutdown(kid) for kid in list(self.kernels)), return_exceptions=True)
         if self._context is not None:
             self._context.destroy(linger=0)
@@ -179,7 +185,7 @@ class KernelRegistry(EnvConfigurable):
 
     def count_for(self, user: str) -> tuple[int, int]:
         """Kernels running or starting: in total, and for ``user``."""
-        owners = [k.user for k in self.kernels.values()] + list(self._starting.values())
+        owners = [k.user for k in (*self.kernels.values(), *self._starting.values())]
         return len(owners), owners.count(user)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -188,6 +194,8 @@ class KernelRegistry(EnvConfigurable):
 
         Checks authorization and limits first; a start that fails or times out leaves nothing behind.
         """
+        if self._stopping:
+            raise NotReadyError("the gateway is shutting down and starts no kernels")
         name, spec = self.spec(name)
         self.policy.check_user(user, spec.metadata or {}, name)
         total, mine = self.count_for(user)
@@ -202,12 +210,17 @@ class KernelRegistry(EnvConfigurable):
             kernel_spec_manager=self.kernel_spec_manager,
             connection_file=os.path.join(jupyter_runtime_dir(), f"kernel-{kernel_id}.json"),
             shutdown_wait_time=self.shutdown_timeout,
+            log=logging.LoggerAdapter(logging.getLogger("kernel_gateway.kernels"), {"kernel_id": kernel_id}),
         )
         kernel = ManagedKernel(kernel_id, name, user, km)
-        self._starting[kernel_id] = user
+        self._starting[kernel_id] = kernel
         started = time.monotonic()
         try:
             await self._launch(kernel, env, cwd if cwd and os.path.isdir(cwd) else None, timeout)
+        except Exception as exc:
+            if self._stopping:
+                raise NotReadyError("the gateway shut down while the kernel was starting", kernel_id=kernel_id) from exc
+            raise
         finally:
             del self._starting[kernel_id]
         self.kernels[kernel_id] = kernel
@@ -252,7 +265,7 @@ class KernelRegistry(EnvConfigurable):
             if kernel.km.has_kernel:
                 await kernel.km.shutdown_kernel(now=True)
             else:
-                kernel.km.cleanup_resources()
+                await kernel.km.cleanup_resources()
         except Exception:  # best effort: the start already failed, and that is what we report
             kernel.log.warning("cleanup after a failed start did not finish", exc_info=True)
 
@@ -305,9 +318,9 @@ class KernelRegistry(EnvConfigurable):
             raise ConflictError(f"kernel {kernel_id} is already restarting or shutting down", kernel_id=kernel_id)
         async with kernel.lock:
             kernel.log.info("restarting")
+            # no synthetic 'restarting' status here: JupyterLab takes it for a crash; the kernel itself says
+            # shutdown_reply and then starting/busy/idle, as clients expect from a requested restart
             kernel.execution_state = "restarting"
-            if kernel.bridge:
-                await kernel.bridge.broadcast_status("restarting")
             try:
                 await kernel.km.restart_kernel(now=False)
                 assert kernel.bridge is not None

@@ -123,6 +123,7 @@ class APIHandler(GatewayHandlerMixin, web.RequestHandler):
 
     async def prepare(self) -> None:
         self._chunks: list[bytes] = []
+        self._received = 0
         limit: int = self.settings["max_body_size"]
         length = self.request.headers.get("Content-Length")
         if length is not None:
@@ -130,15 +131,20 @@ class APIHandler(GatewayHandlerMixin, web.RequestHandler):
                 raise errors.BadRequestError("Content-Length must be a whole number")
             if int(length) > limit:
                 raise errors.PayloadTooLargeError(f"the request body is {length} bytes; the limit is {limit}")
-        self.request.connection.set_max_body_size(limit)  # type: ignore[union-attr]
         if self.request.method != "OPTIONS":
             self.authenticate()
 
     def data_received(self, chunk: bytes) -> None:
-        self._chunks.append(chunk)
+        # a chunked body has no Content-Length: keep counting, stop keeping, answer 413 once it has ended
+        self._received += len(chunk)
+        if self._received <= self.settings["max_body_size"]:
+            self._chunks.append(chunk)
 
     def json_body(self, required: bool = False) -> dict[str, Any]:
         """The request body as a JSON object; an empty body is ``{}`` unless ``required``."""
+        limit = self.settings["max_body_size"]
+        if self._received > limit:
+            raise errors.PayloadTooLargeError(f"the request body is over {limit} bytes; the limit is {limit}")
         raw = b"".join(self._chunks)
         if not raw.strip():
             if required:

@@ -115,7 +115,10 @@ class KernelChannelsHandler(GatewayHandlerMixin, websocket.WebSocketHandler):
         session.detach(self)
         if not session.retain and session.sink is None and self.kernel.bridge is not None:
             self.kernel.bridge.drop_session(session.session_id)
-        self.log.info("client disconnected%s", " (buffering output)" if session.retain else "")
+        if session.sink is not None:
+            self.log.info("client connection closed; a newer one holds the session")
+        else:
+            self.log.info("client disconnected%s", " (buffering output)" if session.retain else "")
 
 
 default_handlers = [

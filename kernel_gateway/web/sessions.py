@@ -10,8 +10,17 @@ from .base import APIHandler
 SESSION_ID = r"(?P<session_id>\w+-\w+-\w+-\w+-\w+)"
 
 
+def _string(body: dict[str, Any], key: str, default: str | None = None) -> str | None:
+    value = body.get(key, default)
+    if value is not None and not isinstance(value, str):
+        raise BadRequestError(f"'{key}' must be a string")
+    return value
+
+
 def _kernel_request(body: dict[str, Any]) -> dict[str, Any]:
-    kernel = body.get("kernel") or {}
+    kernel = body.get("kernel", {})
+    if kernel is None:
+        kernel = {}
     if not isinstance(kernel, dict):
         raise BadRequestError("'kernel' must be an object with 'name' or 'id'")
     for key in ("name", "id"):
@@ -42,15 +51,16 @@ class SessionsHandler(SessionBase):
 
     async def post(self) -> None:
         body = self.json_body(required=True)
-        path = body.get("path") or (body.get("notebook") or {}).get("path")
-        type_ = body.get("type") or ("notebook" if body.get("notebook") else None)
-        name = body.get("name") or ""
-        if not isinstance(path, str) or not path:
+        notebook = body.get("notebook")  # the legacy form {"notebook": {"path": ...}}
+        if notebook is not None and not isinstance(notebook, dict):
+            raise BadRequestError("'notebook' must be an object with a 'path'")
+        path = _string(body, "path") or _string(notebook or {}, "path")
+        type_ = _string(body, "type") or ("notebook" if notebook else None)
+        name = _string(body, "name", "")
+        if not path:
             raise BadRequestError("a session needs a 'path' string")
-        if not isinstance(type_, str) or not type_:
+        if not type_:
             raise BadRequestError("a session needs a 'type' string, e.g. 'notebook'")
-        if not isinstance(name, str):
-            raise BadRequestError("'name' must be a string")
         kernel = _kernel_request(body)
         session = self.sessions.find_by_path(path)
         if session is None:
@@ -70,15 +80,19 @@ class SessionHandler(SessionBase):
         session = self.sessions.get(session_id)
         body = self.json_body(required=True)
         kernel = _kernel_request(body)
-        self.sessions.update(session, body)
-        old_kernel = session.kernel_id
+        for key in ("path", "name", "type"):
+            _string(body, key)
+        # everything that can fail is checked before the session changes
+        new_kernel = session.kernel_id
         if kernel.get("id"):
             try:
-                session.kernel_id = self.registry.get(kernel["id"]).kernel_id
+                new_kernel = self.registry.get(kernel["id"]).kernel_id
             except UnknownKernelError as exc:
                 raise BadRequestError(str(exc)) from None
         elif kernel.get("name") is not None:
-            session.kernel_id = await self.kernel_for({"name": kernel["name"]})
+            new_kernel = await self.kernel_for({"name": kernel["name"]})
+        self.sessions.update(session, body)
+        old_kernel, session.kernel_id = session.kernel_id, new_kernel
         if session.kernel_id != old_kernel and old_kernel in self.registry.kernels:
             in_use = any(s.kernel_id == old_kernel for s in self.sessions.list())
             if not in_use and kernel.get("name") is not None:

@@ -20,6 +20,10 @@ Control requests (version 1), one JSON line per TCP connection, answered with on
     {"request": {"signum": N} | {"shutdown": true}, "nonce": hex, "time": unix seconds,
      "mac": hex HMAC-SHA256(control_key, nonce + time + canonical JSON of request)}
 
+With ``--connection-file`` it is instead a local kernel runner: the gateway wrote the file with
+ports from its range, and the launcher only keeps the ports ipykernel picks for itself (the iopub
+pipe) inside the range, using ``--spare-ports`` first. No handshake, no control port.
+
 Dependencies: the standard library, pyzmq, ipykernel and cryptography. Plain synchronous Python.
 """
 
@@ -161,11 +165,54 @@ def send_connection_info(address: str, payload: dict, kernel_id: str, public_key
         conn.sendall(encrypt_payload(payload, kernel_id, public_key))
 
 
+def confine_random_ports(port_range: tuple[int, int] | None, spare: list[int]) -> None:
+    """Make every random-port bind in this process (kernel channels, the iopub pipe) stay in the range."""
+    if port_range is None:
+        return
+    import zmq
+
+    bind_random = zmq.Socket.bind_to_random_port
+
+    def bind_in_port_range(sock, addr, min_port=0, max_port=0, max_tries=0):
+        while spare:
+            port = spare.pop(0)
+            try:
+                sock.bind(f"{addr}:{port}")
+                return port
+            except zmq.ZMQError:
+                continue
+        return bind_random(sock, addr, port_range[0], port_range[1] + 1, max_tries=500)
+
+    zmq.Socket.bind_to_random_port = bind_in_port_range
+
+
+def reporting_app_class():
+    """ipykernel's app, writing no connection file: the info travels encrypted to the gateway."""
+    from ipykernel.kernelapp import IPKernelApp
+
+    class LaunchedKernelApp(IPKernelApp):
+        def write_connection_file(self, **kwargs):
+            pass
+
+    return LaunchedKernelApp
+
+
+def run_local(args: argparse.Namespace) -> None:
+    """Run ipykernel from the gateway's connection file (local kernels)."""
+    from ipykernel.kernelapp import IPKernelApp
+
+    app = IPKernelApp.instance(connection_file=args.connection_file, kernel_class=args.kernel_class_name)
+    app.initialize([])
+    app.start()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kernel-id", required=True)
-    parser.add_argument("--response-address", required=True, help="host:port of the gateway's listener")
-    parser.add_argument("--public-key", required=True, help="the gateway's X25519 public key, base64")
+    parser.add_argument("--kernel-id", help="required unless --connection-file")
+    parser.add_argument("--response-address", help="host:port of the gateway's listener")
+    parser.add_argument("--public-key", help="the gateway's X25519 public key, base64")
+    parser.add_argument("--connection-file", help="run a local kernel from this file instead of reporting back")
+    parser.add_argument("--spare-ports", default="", help="comma-separated ports to use first for extra sockets")
     parser.add_argument("--port-range", default="", help="low..high; empty for any port")
     parser.add_argument("--kernel-class-name", default="ipykernel.ipkernel.IPythonKernel")
     parser.add_argument("--ip", default="0.0.0.0", help="address the kernel binds")
@@ -173,33 +220,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--connect-timeout", type=float, default=30.0)
     args = parser.parse_args(argv)
 
+    port_range = parse_range(args.port_range)
+    confine_random_ports(port_range, [int(p) for p in args.spare_ports.split(",") if p.strip()])
+    if args.connection_file:
+        run_local(args)
+        return
+    if not (args.kernel_id and args.response_address and args.public_key):
+        raise SystemExit("launcher: --kernel-id, --response-address and --public-key are required")
     token = sys.stdin.readline().strip() if args.launch_token_stdin else os.environ.pop("KERNEL_LAUNCH_TOKEN", "")
     if not token:
         raise SystemExit("launcher: no launch token (KERNEL_LAUNCH_TOKEN or --launch-token-stdin)")
-    port_range = parse_range(args.port_range)
 
     control_sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     control_port = bind_in_range(control_sock, args.ip, port_range)
     control_key = secrets.token_bytes(32)
 
-    import zmq
-    from ipykernel.kernelapp import IPKernelApp
     from traitlets.config import Config
-
-    if port_range is not None:
-        # every port the kernel picks at random (its four channels, the iopub pipe) stays in the range
-        bind_random = zmq.Socket.bind_to_random_port
-
-        def bind_in_port_range(sock, addr, min_port=0, max_port=0, max_tries=0):
-            return bind_random(sock, addr, port_range[0], port_range[1] + 1, max_tries=500)
-
-        zmq.Socket.bind_to_random_port = bind_in_port_range
-
-    class LaunchedKernelApp(IPKernelApp):
-        """ipykernel's app, writing no connection file: the info travels encrypted to the gateway."""
-
-        def write_connection_file(self, **kwargs):
-            pass
 
     hb_probe = socket.socket()
     hb_port = bind_in_range(hb_probe, args.ip, port_range)
@@ -210,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     config.IPKernelApp.ip = args.ip
     config.IPKernelApp.hb_port = hb_port
     config.IPKernelApp.kernel_class = args.kernel_class_name
-    app = LaunchedKernelApp.instance(config=config)
+    app = reporting_app_class().instance(config=config)
     app.initialize([])
 
     payload = {

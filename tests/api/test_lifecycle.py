@@ -183,9 +183,6 @@ def test_kernelspec_with_bad_provisioner_config_refuses_to_start(tmp_path):
     assert elapsed < 20
 
 
-@pytest.mark.xfail(strict=True, reason="server bug: a kernelspec naming a provisioner that is not installed makes "
-                   "start-up crash with a NoSuchKernel traceback (KernelSpecManager.get_kernel_spec in "
-                   "_validate_kernelspecs) instead of a configuration error naming the spec")
 def test_kernelspec_with_unknown_provisioner_refuses_to_start(tmp_path):
     jpath = tmp_path / "jupyter"
     write_spec(jpath, "ghost", IPYKERNEL_QUIET_ARGV, metadata={"kernel_provisioner": {
@@ -282,9 +279,6 @@ def test_kernel_ports_lie_in_the_range_and_are_not_shared(ranged):
             assert ws.run("print(6 * 7)")[0] == "42\n"
 
 
-@pytest.mark.xfail(strict=True, reason="server bug/limitation: besides its 5 kernel ports every ipykernel "
-                   "process listens on a 6th, random loopback port (ipykernel IOPubThread._setup_pipe_in, "
-                   "bind_to_random_port('tcp://127.0.0.1')) that the port-range provisioner does not control")
 def test_every_listening_port_of_a_kernel_lies_in_the_range(ranged):
     low, high = ranged.extra["low"], ranged.extra["high"]
     for kid, (_, listening) in kernel_ports(ranged).items():
@@ -316,9 +310,6 @@ def test_auto_restarted_kernel_keeps_its_ports_in_the_range(ranged):
         assert ws.run("print('back')")[0] == "back\n"
 
 
-@pytest.mark.xfail(strict=True, reason="server bug: when a kernel command fails to launch (e.g. missing binary), "
-                   "KernelRegistry._discard calls the async km.cleanup_resources() without awaiting it, so the "
-                   "provisioner never releases the ports it reserved: the range fills up with no kernel running")
 def test_failed_launches_release_their_ports(start_gw, tmp_path):
     jpath = tmp_path / "jupyter"
     write_spec(jpath, "missingbin", ["/nonexistent/kgw-no-such-binary", "-f", "{connection_file}"])
@@ -368,9 +359,6 @@ def test_sigterm_stops_kernels_and_exits_zero(start_gw, tmp_path):
     assert not list((tmp_path / "runtime").glob("kernel-*.json"))
 
 
-@pytest.mark.xfail(strict=True, reason="server bug: on SIGTERM the registry stops only registered kernels; a "
-                   "kernel still starting (in _starting) is left running as an orphan after the gateway exits, "
-                   "and its POST gets no response")
 def test_sigterm_while_a_kernel_is_starting(start_gw, tmp_path):
     jpath = tmp_path / "jupyter"
     marker = sleeper_spec(jpath)
@@ -472,10 +460,6 @@ def auto_restarted(tmp_path_factory):
     gw.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="server bug: jupyter_client's own records about a kernel are logged "
-                   "through the app logger without the kernel id, e.g. '[I ... kernel_gateway] "
-                   "AsyncIOLoopKernelRestarter: restarting kernel (1/5), new random ports' after a kernel dies "
-                   "(the KernelManager's log is not the kernel's LoggerAdapter)")
 def test_automatic_restart_log_lines_name_the_kernel(auto_restarted):
     kid = auto_restarted.extra["kid"]
     lines = [ln for ln in auto_restarted.log().splitlines() if "restart" in ln.lower()]
@@ -545,17 +529,11 @@ def test_json_logs_are_json_lines(launch, tmp_path):
     assert "jsontoken" not in gw.stderr()
 
 
-@pytest.mark.xfail(strict=True, reason="server bug: kernel processes inherit the gateway's stderr, so with "
-                   "--json-logs their output (e.g. ipykernel's '[IPKernelApp] WARNING | Kernel is running over "
-                   "TCP without encryption...') appears as raw text lines in the JSON log stream")
 def test_json_logs_include_kernel_output_as_json(launch, tmp_path):
     gw, _ = exercise_json_gateway(launch, tmp_path, "python3")
     json_log_lines(gw.stderr())
 
 
-@pytest.mark.xfail(strict=True, reason="server bug: with --json-logs --debug, traitlets' config-file search "
-                   "lines ('[GatewayApp] Looking for kernel_gateway_config in ...') are written in text format "
-                   "before configure_logging() installs the JSON formatter")
 def test_json_logs_at_debug_level_are_json_lines(launch, tmp_path):
     gw = launch("--auth-token=jsontoken", "--json-logs", "--debug",
                 env=clean_env(JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime")))

@@ -310,8 +310,6 @@ def test_bad_session_request_body_is_400(gw, raw, fragment):
     assert call(gw, "GET", "/api/sessions")[1] == []
 
 
-@pytest.mark.xfail(strict=True, reason="server bug: POST /api/sessions with a non-object 'notebook' "
-                   "(e.g. a string) raises AttributeError in SessionsHandler.post -> 500 instead of 400")
 def test_session_notebook_of_wrong_type_is_400(gw):
     result = call(gw, "POST", "/api/sessions", {"notebook": "a.ipynb", "type": "notebook"})
     assert_error(result, 400, "notebook")
@@ -338,9 +336,6 @@ def test_body_just_under_limit_is_accepted_by_size(gw):
                  400, "JSON object")
 
 
-@pytest.mark.xfail(strict=True, reason="server bug: a chunked (no Content-Length) body over max_body_size "
-                   "is cut off by tornado's connection limit with a bare 'HTTP/1.1 400 Bad Request' and no "
-                   "JSON body, instead of 413 {reason, message}")
 def test_huge_chunked_body_is_413(gw):
     head = (f"POST /api/kernels HTTP/1.1\r\nHost: {gw.host}:{gw.port}\r\nAuthorization: token {gw.token}\r\n"
             f"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n").encode()
@@ -473,9 +468,6 @@ def test_session_patch_unknown_kernel_id_is_400(gw):
         call(gw, "DELETE", f"/api/sessions/{sid}")
 
 
-@pytest.mark.xfail(strict=True, reason="server bug: sessions read 'kernel' and 'name' with `body.get(k) or "
-                   "default`, so falsy values of the wrong type ([], 0, '') are silently taken as 'absent' "
-                   "instead of 400")
 @pytest.mark.parametrize("body", [
     {"path": "falsy.ipynb", "type": "notebook", "kernel": []},
     {"path": "falsy.ipynb", "type": "notebook", "name": 0, "kernel": {"name": "nosuchspec"}},
@@ -487,8 +479,6 @@ def test_session_post_falsy_wrong_types_are_400(gw, body):
     assert_error(result, 400)
 
 
-@pytest.mark.xfail(strict=True, reason="server bug: SessionHandler.patch reads 'kernel' with `body.get('kernel') "
-                   "or {}`, so a falsy non-object kernel ([] or 0) is ignored (200) instead of 400")
 def test_session_patch_falsy_kernel_is_400(gw, kernel):
     model = create_session(gw, "falsy-patch.ipynb", kernel={"id": kernel})
     try:
@@ -498,9 +488,6 @@ def test_session_patch_falsy_kernel_is_400(gw, kernel):
         call(gw, "DELETE", f"/api/sessions/{model['id']}")
 
 
-@pytest.mark.xfail(strict=True, reason="server bug: SessionHandler.patch applies path/name (sessions.update) "
-                   "before validating kernel.id / starting kernel.name, so a PATCH that fails with 400/502 "
-                   "still moves the session")
 def test_failed_session_patch_changes_nothing(gw):
     model = create_session(gw, "stay.ipynb", kernel={"name": "python3"})
     sid = model["id"]
