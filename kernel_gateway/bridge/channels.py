@@ -32,6 +32,26 @@ UNTRACKED_PARENTS = frozenset(
 )
 
 
+#: Messages taken from a socket in one go before they are handed on (bounds one loop iteration).
+BATCH_LIMIT = 500
+
+
+async def read_batches(sock: zmq.asyncio.Socket):
+    """Yield lists of multipart messages: wait for one, then take whatever else is already queued.
+
+    Draining without awaiting each message keeps the per-message cost of an output flood low.
+    """
+    drain = zmq.Socket.shadow(sock.underlying)
+    while True:
+        batch = [await sock.recv_multipart()]
+        while len(batch) < BATCH_LIMIT:
+            try:
+                batch.append(drain.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+        yield batch
+
+
 class ChannelSink(Protocol):
     """Where a session's messages go: a websocket connection."""
 
@@ -72,21 +92,25 @@ class ChannelSession:
             self._readers.append(asyncio.create_task(self._read(channel, sock)))
 
     async def _read(self, channel: str, sock: zmq.asyncio.Socket) -> None:
-        while True:
-            frames = await sock.recv_multipart()
-            try:
-                msg = kernel_message_from_zmq(channel, frames, self.bridge.signer)
-            except FrameError as exc:
-                self.bridge.log.warning("dropped a %s message from the kernel: %s", channel, exc)
-                continue
+        async for batch in read_batches(sock):
             self.bridge.touch()
-            await self.deliver(msg)
+            for frames in batch:
+                try:
+                    msg = kernel_message_from_zmq(channel, frames, self.bridge.signer)
+                except FrameError as exc:
+                    self.bridge.log.warning("dropped a %s message from the kernel: %s", channel, exc)
+                    continue
+                await self.deliver(msg)
 
     async def deliver(self, msg: KernelMessage) -> None:
         """Send ``msg`` to the attached socket, or buffer it while none is attached."""
         if self.sink is not None:
             await self.sink.deliver(msg)
-            return
+        else:
+            self.keep(msg)
+
+    def keep(self, msg: KernelMessage) -> None:
+        """Buffer ``msg`` for the client's return (if it named its session) while no socket is attached."""
         if not self.retain:
             return
         self._buffer.append(msg)
@@ -197,19 +221,19 @@ class KernelBridge:
         self._iopub_task = asyncio.create_task(self._read_iopub(sock))
 
     async def _read_iopub(self, sock: zmq.asyncio.Socket) -> None:
-        while True:
-            frames = await sock.recv_multipart()
-            try:
-                msg = kernel_message_from_zmq("iopub", frames, self.signer)
-            except FrameError as exc:
-                self.log.warning("dropped an iopub message from the kernel: %s", exc)
-                continue
+        async for batch in read_batches(sock):
             self.touch()
-            if self._iopub_waiters:
-                self._wake_waiter(msg)
-            self.on_activity(msg)
-            for session in list(self.sessions.values()):
-                await session.deliver(msg)
+            for frames in batch:
+                try:
+                    msg = kernel_message_from_zmq("iopub", frames, self.signer)
+                except FrameError as exc:
+                    self.log.warning("dropped an iopub message from the kernel: %s", exc)
+                    continue
+                if self._iopub_waiters:
+                    self._wake_waiter(msg)
+                self.on_activity(msg)
+                for session in list(self.sessions.values()):
+                    await session.deliver(msg)
 
     def _wake_waiter(self, msg: KernelMessage) -> None:
         parent = msg.parts[1]

@@ -30,6 +30,7 @@ __all__ = [
     "make_message_parts",
     "to_legacy_frame",
     "to_v1_frame",
+    "ws_frame",
 ]
 
 DELIMITER = b"<IDS|MSG>"
@@ -139,6 +140,19 @@ def to_v1_frame(msg: KernelMessage) -> bytes:
     for piece in pieces:
         offsets.append(offsets[-1] + len(piece))
     return b"".join((struct.pack(f"<{count + 1}Q", count, *offsets), *pieces))
+
+
+def ws_frame(payload: bytes, binary: bool) -> bytes:
+    """One unmasked, final websocket frame (server to client, no compression) around ``payload``."""
+    first = 0x82 if binary else 0x81
+    size = len(payload)
+    if size < 126:
+        header = struct.pack("!BB", first, size)
+    elif size <= 0xFFFF:
+        header = struct.pack("!BBH", first, 126, size)
+    else:
+        header = struct.pack("!BBQ", first, 127, size)
+    return header + payload
 
 
 def _dumps(value: Any) -> bytes:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from typing import Any
 from urllib.parse import urlparse
 
 from tornado import web, websocket
+from tornado.iostream import StreamClosedError
 
 from ..bridge import V1_SUBPROTOCOL, FrameError, KernelMessage, client_message_to_parts, to_legacy_frame, to_v1_frame
+from ..bridge.frames import ws_frame
 from ..bridge.channels import ChannelSession
 from .base import GatewayHandlerMixin
 from .kernels import KERNEL_ID
@@ -24,8 +27,13 @@ class KernelChannelsHandler(GatewayHandlerMixin, websocket.WebSocketHandler):
     """One client connection to a kernel's channels, attached to the bridge session ``session_id``."""
 
     session: ChannelSession | None = None
-    _backlog = 0
     _binary_buffers = True
+    _flush_handle: asyncio.Handle | None = None
+    _last_write: asyncio.Future | None = None
+    _unsent = 0  # bytes handed to the stream and not yet sent
+
+    def initialize(self) -> None:
+        self._pending: list[tuple[KernelMessage, bytes]] = []
 
     async def get(self, *args: Any, **kwargs: Any) -> None:
         if not self.settings["allow_unauthenticated_channels"]:
@@ -64,33 +72,51 @@ class KernelChannelsHandler(GatewayHandlerMixin, websocket.WebSocketHandler):
         self.session = bridge.session(session_id, retain=bool(client_session))
         replay = self.session.attach(self)
         self.log.info("client connected (%s protocol, %d buffered messages to replay)", self.protocol, len(replay))
-        for msg in replay:
-            await self.deliver(msg)
+        for msg in replay:  # queued in one go, so live output cannot overtake the replay
+            self._enqueue(msg)
+
+    def _enqueue(self, msg: KernelMessage) -> None:
+        if self.protocol == V1_SUBPROTOCOL:
+            frame = ws_frame(to_v1_frame(msg), True)
+        else:
+            frame = ws_frame(*to_legacy_frame(msg, self._binary_buffers))
+        self._pending.append((msg, frame))
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
 
     async def deliver(self, msg: KernelMessage) -> None:
-        """Write one kernel message in this client's protocol; wait only if the client falls far behind."""
-        if self.protocol == V1_SUBPROTOCOL:
-            payload, binary = to_v1_frame(msg), True
-        else:
-            payload, binary = to_legacy_frame(msg, self._binary_buffers)
-        try:
-            future = self.write_message(payload, binary=binary)
-        except websocket.WebSocketClosedError:
-            if self.session is not None:
-                self.session.detach(self)
-                await self.session.deliver(msg)  # keep it for the client's return
-            return
-        size = len(payload)
-        self._backlog += size
-        future.add_done_callback(lambda _f: self._shrink(size))
-        if self._backlog > WRITE_BACKLOG_LIMIT:
+        """Queue one kernel message for this client; wait only if the client falls far behind."""
+        self._enqueue(msg)
+        if self._unsent > WRITE_BACKLOG_LIMIT and self._last_write is not None:
             try:
-                await future
-            except websocket.WebSocketClosedError:
+                await self._last_write
+            except StreamClosedError:
                 pass
 
-    def _shrink(self, size: int) -> None:
-        self._backlog -= size
+    def _flush(self) -> None:
+        """Write every frame queued in this loop iteration with one send: floods cost a syscall per batch."""
+        self._flush_handle = None
+        pending, self._pending = self._pending, []
+        connection = self.ws_connection
+        try:
+            if connection is None or connection.is_closing():
+                raise StreamClosedError()
+            data = b"".join(frame for _, frame in pending)
+            future = connection.stream.write(data)  # type: ignore[attr-defined]
+        except StreamClosedError:
+            if self.session is not None:  # keep the messages for the client's return
+                self.session.detach(self)
+                for msg, _ in pending:
+                    self.session.keep(msg)
+            return
+        self._unsent += len(data)
+        self._last_write = future
+        future.add_done_callback(lambda f, size=len(data): self._written(f, size))
+
+    def _written(self, future: asyncio.Future, size: int) -> None:
+        self._unsent -= size
+        if not future.cancelled():
+            future.exception()  # a closed stream is handled by on_close; mark the error as seen
 
     def end(self, reason: str) -> None:
         """Close this connection because the session moved on (taken over, kernel gone)."""
