@@ -21,7 +21,7 @@ from traitlets import Bool, CaselessStrEnum, Integer, TraitError, Type, Unicode,
 from traitlets.config import Application
 
 from provisioners.eg_compat import CompatKernelSpecManager, EnterpriseGatewaySpecError
-from provisioners.envconfig import EnvConfigurable, env_value
+from provisioners.envconfig import EnvConfigurable, env_source, env_value
 from provisioners.errors import PortRangeError
 from provisioners.ports import parse_port_range
 from provisioners.handshake import ResponseListener
@@ -56,6 +56,11 @@ flags = {
         {"GatewayApp": {"allow_unauthenticated_channels": True}},
         "Let kernel websockets connect without a token (for nbclient/papermill's GatewayKernelManager).",
     ),
+    "accept-enterprise-gateway": (
+        {"CompatKernelSpecManager": {"accept_enterprise_gateway": True},
+         "ResponseListener": {"accept_enterprise_gateway": True}},
+        "Serve Enterprise Gateway kernelspecs and accept EG launcher payloads (while migrating from EG).",
+    ),
     "json-logs": ({"GatewayApp": {"json_logs": True}}, "Log JSON lines."),
     "debug": ({"Application": {"log_level": logging.DEBUG}}, "Log debug messages."),
 }
@@ -76,7 +81,7 @@ def validate_all(configurable: Any) -> None:
             setattr(configurable, name, value)  # assignment runs the @validate checks a default skips
         except TraitError as exc:
             env = getattr(configurable, f"{name}_env", None)
-            source = f" (from {env})" if env and env_value(env) is not None else ""
+            source = f" (from {env_source(env)})" if env and env_value(env) is not None else ""
             raise TraitError(f"{type(configurable).__name__}.{name}{source}: {exc}") from None
 
 
@@ -246,11 +251,11 @@ class GatewayApp(EnvConfigurable, Application):
         self.generated_token = not self.auth_token and not self.allow_unauthenticated_access
         if self.generated_token:
             self.auth_token = secrets.token_hex(24)
-        self._share_port_range()
         factory_config = self.config.KernelProvisionerFactory
         if "default_provisioner_name" not in factory_config:
             factory_config.default_provisioner_name = DEFAULT_PROVISIONER
         self.policy = GatewayPolicy(parent=self)
+        self._share_options()
         self.kernel_spec_manager = self.kernel_spec_manager_class(parent=self)
         self.registry = KernelRegistry(parent=self, policy=self.policy, kernel_spec_manager=self.kernel_spec_manager)
         self.culler = KernelCuller(parent=self, registry=self.registry)
@@ -259,14 +264,20 @@ class GatewayApp(EnvConfigurable, Application):
             validate_all(configurable)
         self._validate_kernelspecs()
 
-    def _share_port_range(self) -> None:
-        """Hand the one port range to every option that takes one, unless configured on its own."""
-        if not self.port_range:
-            return
-        for section, option in (("PortRangeLocalProvisioner", "port_range"), ("RemoteProvisioner", "port_range"),
-                                ("ResponseListener", "response_port_range")):
+    def _share_options(self) -> None:
+        """Hand gateway-wide settings to the provisioner options that mean the same, unless those are set."""
+        shared: list[tuple[str, str, Any]] = []
+        if self.port_range:
+            shared += [("PortRangeLocalProvisioner", "port_range", self.port_range),
+                       ("RemoteProvisioner", "port_range", self.port_range),
+                       ("ResponseListener", "response_port_range", self.port_range)]
+        # what the policy lets into a kernel's environment may also travel to a remote kernel
+        forwarded = [*self.policy.client_envs, *self.policy.inherited_envs]
+        if forwarded:
+            shared.append(("RemoteProvisioner", "forward_envs", forwarded))
+        for section, option, value in shared:
             if option not in self.config[section]:
-                self.config[section][option] = self.port_range
+                self.config[section][option] = value
 
     def _read_config_files(self) -> None:
         if self.config_file:

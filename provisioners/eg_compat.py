@@ -79,8 +79,9 @@ class CompatKernelSpecManager(KernelSpecManager, EnvConfigurable):  # type: igno
     accept_enterprise_gateway = Bool(
         False,
         config=True,
-        help="Serve Enterprise Gateway kernelspecs (metadata.process_proxy) with our provisioners and accept EG "
-        "launcher payloads; off, such specs stop the gateway at start-up (env: GATEWAY_ACCEPT_ENTERPRISE_GATEWAY).",
+        help="Serve Enterprise Gateway kernelspecs (metadata.process_proxy) with our provisioners; off, such specs "
+        "stop the gateway at start-up. EG launchers also need ResponseListener.accept_enterprise_gateway; the "
+        "gateway's --accept-enterprise-gateway flag sets both (env: GATEWAY_ACCEPT_ENTERPRISE_GATEWAY).",
     )
     accept_enterprise_gateway_env = "GATEWAY_ACCEPT_ENTERPRISE_GATEWAY"
 

@@ -17,7 +17,7 @@ from typing import Any
 from traitlets import TraitError, TraitType
 from traitlets.config import LoggingConfigurable
 
-__all__ = ["ALIASES", "ENV_PREFIX", "EnvConfigurable", "env_value"]
+__all__ = ["ALIASES", "ENV_PREFIX", "EnvConfigurable", "env_source", "env_value"]
 
 #: The one prefix of our environment variables.
 ENV_PREFIX = "GATEWAY_"
@@ -54,6 +54,12 @@ def env_value(name: str) -> str | None:
     return None
 
 
+def env_source(name: str) -> str:
+    """The variable ``env_value(name)`` actually reads: ``name``, or its alias when only that is set."""
+    alias = ALIASES.get(name)
+    return alias if name not in os.environ and alias and alias in os.environ else name
+
+
 def _env_default(trait_name: str, env_name: str):
     def default(self: Any) -> Any:
         trait = self.traits()[trait_name]
@@ -66,7 +72,7 @@ def _env_default(trait_name: str, env_name: str):
                 return trait.from_string_list(items)
             return trait.from_string(raw)
         except (TraitError, ValueError) as exc:
-            raise TraitError(f"environment variable {env_name}={raw!r} is not valid for {trait_name}: {exc}") from exc
+            raise TraitError(f"environment variable {env_source(env_name)}={raw!r} is not valid for {trait_name}: {exc}") from exc
 
     default.__name__ = f"_{trait_name}_default"
     default.__doc__ = f"Read {env_name} when {trait_name} is not configured."

@@ -93,14 +93,15 @@ class ResponseListener(EnvConfigurable):
         False,
         config=True,
         help="Also accept Enterprise Gateway's version-1 launcher payload (RSA-2048 + AES, no launch token) so EG "
-        "kernel images work unchanged. Weaker than our format: enable only while migrating "
+        "kernel images work unchanged. Weaker than our format: enable only while migrating. The gateway's "
+        "--accept-enterprise-gateway flag sets this and CompatKernelSpecManager.accept_enterprise_gateway together "
         "(env: GATEWAY_ACCEPT_ENTERPRISE_GATEWAY).",
     )
     accept_enterprise_gateway_env = "GATEWAY_ACCEPT_ENTERPRISE_GATEWAY"
     read_timeout = Float(
         10.0,
         config=True,
-        help="Seconds a launcher connection may take to deliver its payload (env: GATEWAY_RESPONSE_READ_TIMEOUT).",
+        help="Seconds a launcher connection may take to deliver its whole payload (env: GATEWAY_RESPONSE_READ_TIMEOUT).",
     )
     read_timeout_env = "GATEWAY_RESPONSE_READ_TIMEOUT"
 
@@ -197,13 +198,8 @@ class ResponseListener(EnvConfigurable):
             return
         async with self._slots:
             try:
-                data = await asyncio.wait_for(reader.read(MAX_PAYLOAD + 1), self.read_timeout)
-                while data and len(data) <= MAX_PAYLOAD:
-                    more = await asyncio.wait_for(reader.read(MAX_PAYLOAD + 1 - len(data)), self.read_timeout)
-                    if not more:
-                        break
-                    data += more
-                self._accept(data)
+                data = await asyncio.wait_for(self._read_payload(reader), self.read_timeout)
+                self._accept(data, peer[0] if peer else "")
             except asyncio.TimeoutError:
                 log.warning("dropped a launcher connection from %s: no complete payload within %gs", peer, self.read_timeout)
             except _Rejected as exc:
@@ -213,13 +209,26 @@ class ResponseListener(EnvConfigurable):
             finally:
                 writer.close()
 
-    def _accept(self, data: bytes) -> None:
+    @staticmethod
+    async def _read_payload(reader: asyncio.StreamReader) -> bytes:
+        """Everything the launcher sends until it closes, or a byte more than the limit."""
+        data = b""
+        while len(data) <= MAX_PAYLOAD:
+            more = await reader.read(MAX_PAYLOAD + 1 - len(data))
+            if not more:
+                break
+            data += more
+        return data
+
+    def _accept(self, data: bytes, peer: str = "") -> None:
         if len(data) > MAX_PAYLOAD:
             raise _Rejected(f"payload over {MAX_PAYLOAD} bytes")
         if data.startswith(MAGIC):
             kernel_id, info, token = self._decode_v1(data)
         elif self.accept_enterprise_gateway:
             kernel_id, info, token = self._decode_eg(data)
+            if info.connection_info.get("ip") in (None, "", "0.0.0.0", "::"):
+                info.connection_info["ip"] = peer  # EG launchers report the unspecified address
         else:
             raise _Rejected("not a version-1 launcher payload")
         pending = self._pending.get(kernel_id)

@@ -38,9 +38,9 @@ class PortRange:
 
 
 def parse_port_range(text: str, *, minimum_size: int = KERNEL_PORT_COUNT) -> PortRange | None:
-    """Parse ``"lo..hi"``; return None for an empty value; raise :class:`PortRangeError` naming the problem."""
+    """Parse ``"lo..hi"``; return None for an empty value or ``0..0``; raise :class:`PortRangeError` naming the problem."""
     text = (text or "").strip()
-    if not text:
+    if not text or text == "0..0":  # Enterprise Gateway's way of saying "no range"
         return None
     low_text, sep, high_text = text.partition("..")
     if not sep:

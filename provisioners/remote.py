@@ -20,7 +20,7 @@ from abc import abstractmethod
 from typing import Any
 
 from jupyter_client.provisioning import KernelProvisionerBase
-from traitlets import Float, TraitError, Unicode, validate
+from traitlets import Float, List, TraitError, Unicode, validate
 
 from .envconfig import EnvConfigurable
 from .errors import BackendError, LaunchError, LaunchTimeoutError, PortRangeError
@@ -29,8 +29,6 @@ from .ports import parse_port_range
 
 __all__ = ["RemoteProvisioner", "control_request"]
 
-#: Variables of the gateway host that make no sense on another host.
-HOST_ONLY_ENV = frozenset(("PATH", "HOME", "PWD", "OLDPWD", "SHELL", "TMPDIR", "JPY_PARENT_PID"))
 
 
 async def control_request(host: str, port: int, key: bytes, request: dict[str, Any], timeout: float = 5.0) -> None:
@@ -91,6 +89,14 @@ class RemoteProvisioner(KernelProvisionerBase, EnvConfigurable):  # type: ignore
         "the local address of its connection to the kernel's host (env: GATEWAY_RESPONSE_HOST).",
     )
     response_host_env = "GATEWAY_RESPONSE_HOST"
+    forward_envs = List(
+        Unicode(),
+        config=True,
+        help="Variables of the kernel's environment sent to the remote kernel besides KERNEL_* and the kernelspec's "
+        "env; empty sends only those. Our gateway fills it from GatewayPolicy.client_envs and inherited_envs "
+        "(env: GATEWAY_FORWARD_ENVS, comma-separated).",
+    )
+    forward_envs_env = "GATEWAY_FORWARD_ENVS"
     kernel_class_name = Unicode(
         "ipykernel.ipkernel.IPythonKernel",
         config=True,
@@ -99,6 +105,7 @@ class RemoteProvisioner(KernelProvisionerBase, EnvConfigurable):  # type: ignore
     kernel_class_name_env = "GATEWAY_KERNEL_CLASS_NAME"
 
     launch_info: LaunchInfo | None = None
+    launch_values: dict[str, str] = {}  # the placeholder values of the current launch
     _token: str | None = None
 
     @validate("port_range")
@@ -158,6 +165,7 @@ class RemoteProvisioner(KernelProvisionerBase, EnvConfigurable):  # type: ignore
             "port_range": self.port_range or "0..0",
             "kernel_class_name": self.kernel_class_name,
         }
+        self.launch_values = values
         cmd = [_substitute(arg, values) for arg in self.kernel_spec.argv]
         kwargs.pop("extra_arguments", None)
         return await super().pre_launch(cmd=cmd, **kwargs)
@@ -170,7 +178,9 @@ class RemoteProvisioner(KernelProvisionerBase, EnvConfigurable):  # type: ignore
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> dict[str, Any]:
         """Start the launcher and wait for its connection info; kill everything if that fails."""
-        env = {k: v for k, v in kwargs.get("env", {}).items() if k not in HOST_ONLY_ENV}
+        # an allow-list: a host process's environment (tokens, credentials) never travels to kernel hosts
+        forwarded = {*self.forward_envs, *(self.kernel_spec.env or {})}
+        env = {k: v for k, v in kwargs.get("env", {}).items() if k.startswith("KERNEL_") or k in forwarded}
         env.update(KERNEL_ID=self.kernel_id, KERNEL_LANGUAGE=self.kernel_spec.language or "")
         timeout = _timeout(env.get("KERNEL_LAUNCH_TIMEOUT"), self.launch_timeout)
         assert self._token is not None

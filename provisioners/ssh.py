@@ -90,8 +90,7 @@ class SSHProvisioner(RemoteProvisioner):
     known_hosts_file = Unicode(
         "",
         config=True,
-        help="known_hosts file with the hosts' keys, besides the system's and ~/.ssh/known_hosts "
-        "(env: GATEWAY_SSH_KNOWN_HOSTS).",
+        help="known_hosts file with the hosts' keys, read besides ~/.ssh/known_hosts (env: GATEWAY_SSH_KNOWN_HOSTS).",
     )
     known_hosts_file_env = "GATEWAY_SSH_KNOWN_HOSTS"
     accept_unknown_hosts = Bool(

@@ -54,7 +54,7 @@ def log(message: str) -> None:
 
 def parse_range(text: str) -> tuple[int, int] | None:
     text = (text or "").strip()
-    if not text or text in ("0..0", "0"):
+    if not text or text in ("0..0", "0"):  # EG's "no range"
         return None
     low, sep, high = text.partition("..")
     if not sep or not low.isdigit() or not high.isdigit() or int(low) > int(high):
@@ -126,8 +126,8 @@ class ControlServer(threading.Thread):
                 conn.settimeout(5)
                 try:
                     reply = self.handle(conn.makefile("rb").readline(65536))
-                except (OSError, ValueError) as exc:
-                    reply = {"ok": False, "error": f"bad request: {exc}"}
+                except Exception as exc:  # any malformed request is refused; the server keeps serving
+                    reply = {"ok": False, "error": f"bad request: {type(exc).__name__}"}
                 try:
                     conn.sendall(json.dumps(reply).encode() + b"\n")
                 except OSError:
@@ -136,6 +136,8 @@ class ControlServer(threading.Thread):
     def handle(self, line: bytes) -> dict:
         message = json.loads(line)
         request, nonce, stamp = message["request"], str(message["nonce"]), int(message["time"])
+        if not isinstance(request, dict):
+            raise ValueError("request must be an object")
         expected = control_mac(self.key, nonce, stamp, request)
         if not hmac.compare_digest(expected, str(message.get("mac", ""))):
             return {"ok": False, "error": "authentication failed"}
@@ -197,12 +199,12 @@ def reporting_app_class():
     return LaunchedKernelApp
 
 
-def run_local(args: argparse.Namespace) -> None:
+def run_local(args: argparse.Namespace, kernel_args: list[str]) -> None:
     """Run ipykernel from the gateway's connection file (local kernels)."""
     from ipykernel.kernelapp import IPKernelApp
 
     app = IPKernelApp.instance(connection_file=args.connection_file, kernel_class=args.kernel_class_name)
-    app.initialize([])
+    app.initialize(kernel_args)
     app.start()
 
 
@@ -218,12 +220,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ip", default="0.0.0.0", help="address the kernel binds")
     parser.add_argument("--launch-token-stdin", action="store_true", help="read the launch token from stdin")
     parser.add_argument("--connect-timeout", type=float, default=30.0)
-    args = parser.parse_args(argv)
+    args, kernel_args = parser.parse_known_args(argv)
+    if kernel_args and not args.connection_file:
+        parser.error(f"unrecognized arguments: {' '.join(kernel_args)}")
 
     port_range = parse_range(args.port_range)
     confine_random_ports(port_range, [int(p) for p in args.spare_ports.split(",") if p.strip()])
     if args.connection_file:
-        run_local(args)
+        run_local(args, kernel_args)
         return
     if not (args.kernel_id and args.response_address and args.public_key):
         raise SystemExit("launcher: --kernel-id, --response-address and --public-key are required")
