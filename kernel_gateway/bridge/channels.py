@@ -55,7 +55,7 @@ async def read_batches(sock: zmq.asyncio.Socket):
 class ChannelSink(Protocol):
     """Where a session's messages go: a websocket connection."""
 
-    async def deliver(self, msg: KernelMessage) -> None: ...
+    def deliver(self, msg: KernelMessage) -> None: ...
 
     def end(self, reason: str) -> None: ...
 
@@ -100,12 +100,12 @@ class ChannelSession:
                 except FrameError as exc:
                     self.bridge.log.warning("dropped a %s message from the kernel: %s", channel, exc)
                     continue
-                await self.deliver(msg)
+                self.deliver(msg)
 
-    async def deliver(self, msg: KernelMessage) -> None:
-        """Send ``msg`` to the attached socket, or buffer it while none is attached."""
+    def deliver(self, msg: KernelMessage) -> None:
+        """Send ``msg`` to the attached socket, or buffer it while none is attached. Never waits."""
         if self.sink is not None:
-            await self.sink.deliver(msg)
+            self.sink.deliver(msg)
         else:
             self.keep(msg)
 
@@ -233,7 +233,7 @@ class KernelBridge:
                     self._wake_waiter(msg)
                 self.on_activity(msg)
                 for session in list(self.sessions.values()):
-                    await session.deliver(msg)
+                    session.deliver(msg)
 
     def _wake_waiter(self, msg: KernelMessage) -> None:
         parent = msg.parts[1]
@@ -310,12 +310,12 @@ class KernelBridge:
         for session in self.sessions.values():
             session.reconnect()
 
-    async def broadcast_status(self, state: str) -> None:
+    def broadcast_status(self, state: str) -> None:
         """Tell every session the kernel is ``restarting`` or ``dead`` (the kernel cannot say so itself)."""
         parts = make_message_parts("status", {"execution_state": state}, "gateway")
         msg = KernelMessage("iopub", parts, {"msg_type": "status", "msg_id": _msg_id(parts[0])})
         for session in list(self.sessions.values()):
-            await session.deliver(msg)
+            session.deliver(msg)
 
     def _close_iopub(self) -> None:
         if self._iopub_task is not None:

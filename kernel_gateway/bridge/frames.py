@@ -181,7 +181,19 @@ def _parts_from_dict(msg: Any, buffers: list[bytes]) -> tuple[str, list[bytes]]:
 
 
 def client_message_to_parts(frame: str | bytes, protocol: str) -> tuple[str, list[bytes]]:
-    """Parse a websocket frame from a client; return ``(channel, parts)`` ready to sign and send."""
+    """Parse a websocket frame from a client; return ``(channel, parts)`` ready to sign and send.
+
+    Any malformed frame raises :class:`FrameError`, whatever part of the parse it broke.
+    """
+    try:
+        return _client_message_to_parts(frame, protocol)
+    except FrameError:
+        raise
+    except (TypeError, ValueError, UnicodeError, RecursionError) as exc:
+        raise FrameError(f"malformed message ({type(exc).__name__})") from None
+
+
+def _client_message_to_parts(frame: str | bytes, protocol: str) -> tuple[str, list[bytes]]:
     if protocol == V1_SUBPROTOCOL:
         if isinstance(frame, str):
             raise FrameError("the v1 protocol sends binary frames only")

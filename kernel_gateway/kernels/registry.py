@@ -274,7 +274,7 @@ class KernelRegistry(EnvConfigurable):
         kernel.log.warning("kernel died; restarting it automatically")
         kernel.execution_state = "restarting"
         if kernel.bridge:
-            asyncio.ensure_future(kernel.bridge.broadcast_status("restarting"))
+            kernel.bridge.broadcast_status("restarting")
         asyncio.ensure_future(self._follow_auto_restart(kernel, kernel.km.ready))
 
     async def _follow_auto_restart(self, kernel: ManagedKernel, previous: Any) -> None:
@@ -303,7 +303,7 @@ class KernelRegistry(EnvConfigurable):
         kernel.log.error("kernel died and could not be restarted")
         kernel.execution_state = "dead"
         if kernel.bridge:
-            asyncio.ensure_future(kernel.bridge.broadcast_status("dead"))
+            kernel.bridge.broadcast_status("dead")
 
     async def interrupt(self, kernel_id: str) -> None:
         """Interrupt the kernel (signal or interrupt_request, as its spec says)."""

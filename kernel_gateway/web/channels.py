@@ -19,8 +19,9 @@ from .kernels import KERNEL_ID
 
 log = logging.getLogger("kernel_gateway.web.channels")
 
-#: Bytes queued towards a slow client before the sender waits for it (back-pressure, not loss).
-WRITE_BACKLOG_LIMIT = 4 * 1024 * 1024
+#: Bytes a client may leave unread before it is disconnected (its session keeps buffering for its
+#: return): one stalled client must neither hold up the others nor grow the gateway without bound.
+SLOW_CLIENT_LIMIT = 64 * 1024 * 1024
 
 
 class KernelChannelsHandler(GatewayHandlerMixin, websocket.WebSocketHandler):
@@ -29,7 +30,6 @@ class KernelChannelsHandler(GatewayHandlerMixin, websocket.WebSocketHandler):
     session: ChannelSession | None = None
     _binary_buffers = True
     _flush_handle: asyncio.Handle | None = None
-    _last_write: asyncio.Future | None = None
     _unsent = 0  # bytes handed to the stream and not yet sent
 
     def initialize(self) -> None:
@@ -84,14 +84,16 @@ class KernelChannelsHandler(GatewayHandlerMixin, websocket.WebSocketHandler):
         if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
 
-    async def deliver(self, msg: KernelMessage) -> None:
-        """Queue one kernel message for this client; wait only if the client falls far behind."""
+    def deliver(self, msg: KernelMessage) -> None:
+        """Queue one kernel message for this client; a client too far behind is let go, not waited for."""
+        if self._unsent > SLOW_CLIENT_LIMIT and self.session is not None:
+            self.log.warning("client left %d bytes unread; disconnecting it, its session keeps buffering", self._unsent)
+            session = self.session
+            session.detach(self)
+            session.keep(msg)
+            self.close(1013, "too much unread output; reconnect with the same session_id to resume")
+            return
         self._enqueue(msg)
-        if self._unsent > WRITE_BACKLOG_LIMIT and self._last_write is not None:
-            try:
-                await self._last_write
-            except StreamClosedError:
-                pass
 
     def _flush(self) -> None:
         """Write every frame queued in this loop iteration with one send: floods cost a syscall per batch."""
@@ -110,7 +112,6 @@ class KernelChannelsHandler(GatewayHandlerMixin, websocket.WebSocketHandler):
                     self.session.keep(msg)
             return
         self._unsent += len(data)
-        self._last_write = future
         future.add_done_callback(lambda f, size=len(data): self._written(f, size))
 
     def _written(self, future: asyncio.Future, size: int) -> None:

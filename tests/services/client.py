@@ -116,6 +116,19 @@ class KernelWS:
             idle = idle or (msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle")
         return got
 
+    def recv_until(self, predicate, timeout: float = 30) -> tuple[dict, list[dict]]:
+        """Receive until ``predicate(msg)`` is true; return that message and every message seen (it included)."""
+        deadline = time.monotonic() + timeout
+        seen: list[dict] = []
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no matching message within {timeout}s; got {[m.get('msg_type') for m in seen]}")
+            msg = self.recv(remaining)
+            seen.append(msg)
+            if predicate(msg):
+                return msg, seen
+
     def run(self, code: str, timeout: float = 60) -> tuple[str, list[dict]]:
         """Execute ``code``; return its stdout text and all its messages."""
         msgs = self.collect(self.execute(code), timeout)
@@ -130,3 +143,51 @@ class KernelWS:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+# -- additions for the websocket tests ---------------------------------------------------------------
+
+
+def encode_legacy_binary(msg: dict, buffers: list[bytes]) -> bytes:
+    """Encode a client message with buffers as a legacy binary frame (u32 BE count, offsets, JSON, buffers)."""
+    body = {k: v for k, v in msg.items() if k != "buffers"}
+    chunks = [json.dumps(body).encode(), *buffers]
+    offsets, pos = [], 4 * (len(chunks) + 1)
+    for chunk in chunks:
+        offsets.append(pos)
+        pos += len(chunk)
+    return struct.pack(">I", len(chunks)) + b"".join(struct.pack(">I", o) for o in offsets) + b"".join(chunks)
+
+
+def recv_close(ws: websocket.WebSocket, timeout: float = 15) -> tuple[int | None, str]:
+    """Read (and discard) frames until the server closes; return ``(close code, reason)``.
+
+    ``(None, "")`` means the connection ended without a close frame (an abort, 1006).
+    Raises ``TimeoutError`` if the server keeps the connection open for ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"the server did not close the websocket within {timeout}s")
+        ws.settimeout(remaining)
+        try:
+            opcode, frame = ws.recv_data_frame(control_frame=True)
+        except websocket.WebSocketTimeoutException:
+            continue
+        except (websocket.WebSocketConnectionClosedException, ConnectionError):
+            return None, ""
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            data = frame.data
+            ws.shutdown()
+            ws.connected = False
+            if len(data) < 2:
+                return None, ""
+            return struct.unpack("!H", data[:2])[0], data[2:].decode("utf-8", "replace")
+
+
+def kernel_model(gw: GatewayServer, kernel_id: str) -> dict:
+    """``GET /api/kernels/{id}``; fails the test unless it answers 200."""
+    status, body, _ = call(gw, "GET", f"/api/kernels/{kernel_id}")
+    assert status == 200, (status, body)
+    return body
