@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import subprocess
 from typing import Any
 
+from jupyter_client.launcher import launch_kernel
 from jupyter_client.provisioning import LocalProvisioner
 from traitlets import TraitError, Unicode, validate
 
 from launchers import PYTHON_LAUNCHER
 
+from ._blocking import run_blocking
 from .envconfig import EnvConfigurable
 from .errors import PortRangeError
 from .ports import KERNEL_PORT_COUNT, PortAllocator, parse_port_range
@@ -78,13 +81,22 @@ class PortRangeLocalProvisioner(LocalProvisioner, EnvConfigurable):  # type: ign
                                  "--port-range", port_range, "--spare-ports", ",".join(map(str, spare)), *rest]
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> dict[str, Any]:
-        """Start the process with its output piped to our log. Called by ``KernelManager``."""
+        """Start the process (fork and exec off the event loop) with its output piped to our log.
+
+        Called by ``KernelManager``; does what ``LocalProvisioner.launch_kernel`` does, in the thread pool.
+        """
         kwargs.setdefault("stdout", subprocess.PIPE)
         kwargs.setdefault("stderr", subprocess.STDOUT)
-        info = await super().launch_kernel(cmd, **kwargs)
-        if self.process is not None and self.process.stdout is not None:
+        self.process = await run_blocking(launch_kernel, cmd, **self._scrub_kwargs(kwargs))
+        self.pid = self.process.pid
+        try:
+            self.pgid = os.getpgid(self.pid)
+        except OSError:
+            self.pgid = None
+        self.cwd = kwargs.get("cwd") or os.getcwd()
+        if self.process.stdout is not None:
             self._output_task = asyncio.ensure_future(self._log_output(self.process.stdout))
-        return info
+        return self.connection_info
 
     async def _log_output(self, pipe: Any) -> None:
         log = logging.LoggerAdapter(logging.getLogger("kernel_gateway.kernel_output"), {"kernel_id": self.kernel_id})
