@@ -9,6 +9,7 @@ bounded thread pool; the events stream has a thread of its own because it blocks
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 import threading
@@ -201,6 +202,9 @@ class DockerProvisioner(ContainerProvisioner):
             raise LaunchError(f"Docker network {self.network!r} does not exist") from None
         configs = network.attrs.get("IPAM", {}).get("Config") or [{}]
         gateway = next((c.get("Gateway") for c in configs if c.get("Gateway")), None)
+        subnet = next((c.get("Subnet") for c in configs if c.get("Subnet")), None)
+        if not gateway and subnet:
+            gateway = str(ipaddress.ip_network(subnet)[1])  # the engine's convention when it does not say
         if not gateway:
             raise LaunchError(f"Docker network {self.network!r} has no gateway address; set response_host")
         return gateway
