@@ -100,6 +100,10 @@ class GatewayApp(EnvConfigurable, Application):
     aliases = aliases
     flags = flags
     subcommands = {
+        "image-bootstrap": (
+            "provisioners.image_bootstrap.ImageBootstrapApp",
+            "Install our launcher and kernel entry point into a kernel image (run it in the image's Dockerfile).",
+        ),
         "specs": ("provisioners.specs.SpecsApp", "Write kernelspecs for our provisioners (specs install ssh ...)."),
         "config-reference": (
             "kernel_gateway.config_reference.ConfigReferenceApp",

@@ -213,7 +213,9 @@ class DockerProvisioner(ContainerProvisioner):
         request = self.container_request(cmd, env, token)
         client = await self._client()
         try:
-            await run_blocking(client.images.get, request.image)
+            image = await run_blocking(client.images.get, request.image)
+            if self.swarm:
+                request.image = image.id  # by id: Swarm would otherwise ask a registry about the tag
         except docker.errors.ImageNotFound:
             raise LaunchRequestError(f"image {request.image!r} is not present on the Docker host") from None
         except docker.errors.DockerException as exc:

@@ -64,6 +64,10 @@ class _InstallApp(Application):
     def provisioner_config(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def kernel_argv(self) -> list[str]:
+        """The kernel command: our launcher on the kernel's host."""
+        return launcher_argv(self.python, self.launcher)
+
     def start(self) -> None:
         if not self.spec_name:
             print(f"{self.name}: --name is required", file=sys.stderr)
@@ -72,7 +76,7 @@ class _InstallApp(Application):
         if self.port_range:
             config["port_range"] = self.port_range
         spec = {
-            "argv": launcher_argv(self.python, self.launcher),
+            "argv": self.kernel_argv(),
             "display_name": self.display_name or self.spec_name,
             "language": "python",
             "interrupt_mode": "message",
@@ -116,11 +120,51 @@ class SSHSpecApp(_InstallApp):
         return config
 
 
+class DockerSpecApp(_InstallApp):
+    """``specs install docker --name N --image I``: a kernelspec for kernels in Docker containers."""
+
+    name = "kernel-gateway specs install docker"
+    provisioner_name = "docker-provisioner"
+    image = Unicode("", config=True, help="Kernel image (built from launchers/images/python or bootstrapped).")
+    network = Unicode("", config=True, help="Docker network the kernels join.")
+    bootstrap = Unicode("/usr/local/share/kernel-gateway/bootstrap-kernel.sh", config=True,
+                        help="Path of bootstrap-kernel.sh inside the image.")
+    aliases = {
+        **_InstallApp.aliases,
+        "image": "DockerSpecApp.image",
+        "network": "DockerSpecApp.network",
+        "bootstrap": "DockerSpecApp.bootstrap",
+    }
+
+    def kernel_argv(self) -> list[str]:
+        return [self.bootstrap]
+
+    def provisioner_config(self) -> dict[str, Any]:
+        if not self.image:
+            print(f"{self.name}: --image is required", file=sys.stderr)
+            self.exit(2)
+        config: dict[str, Any] = {"image": self.image}
+        if self.network:
+            config["network"] = self.network
+        return config
+
+
+class DockerSwarmSpecApp(DockerSpecApp):
+    """``specs install docker-swarm --name N --image I --network overlay``: kernels as Swarm services."""
+
+    name = "kernel-gateway specs install docker-swarm"
+    provisioner_name = "docker-swarm-provisioner"
+
+
 class InstallApp(Application):
     """``specs install <provisioner>``."""
 
     name = "kernel-gateway specs install"
-    subcommands = {"ssh": (SSHSpecApp, SSHSpecApp.__doc__.splitlines()[0])}
+    subcommands = {
+        "ssh": (SSHSpecApp, SSHSpecApp.__doc__.splitlines()[0]),
+        "docker": (DockerSpecApp, DockerSpecApp.__doc__.splitlines()[0]),
+        "docker-swarm": (DockerSwarmSpecApp, DockerSwarmSpecApp.__doc__.splitlines()[0]),
+    }
 
     def start(self) -> None:
         if self.subapp is None:
