@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import subprocess
@@ -17,7 +18,7 @@ from launchers import PYTHON_LAUNCHER
 from ._blocking import run_blocking
 from .envconfig import EnvConfigurable
 from .errors import PortRangeError
-from .ports import KERNEL_PORT_COUNT, PortAllocator, parse_port_range
+from .ports import KERNEL_PORT_COUNT, PortAllocator, default_port_range, parse_port_range
 
 __all__ = ["PortRangeLocalProvisioner"]
 
@@ -38,13 +39,17 @@ class PortRangeLocalProvisioner(LocalProvisioner, EnvConfigurable):  # type: ign
     port_range = Unicode(
         "",
         config=True,
-        help="Ports the kernel may listen on, 'low..high' inclusive; empty means any free port "
-        "(env: GATEWAY_PORT_RANGE).",
+        help="Ports the kernel may listen on, 'low..high' inclusive; empty draws them from the 10,000 ports "
+        "below the OS's ephemeral range (env: GATEWAY_PORT_RANGE).",
     )
     port_range_env = "GATEWAY_PORT_RANGE"
 
     _held_ports: tuple[int, ...] = ()
     _output_task: asyncio.Task | None = None
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._last_output: collections.deque[str] = collections.deque(maxlen=15)
 
     @validate("port_range")
     def _validate_port_range(self, proposal: dict[str, Any]) -> str:
@@ -59,9 +64,11 @@ class PortRangeLocalProvisioner(LocalProvisioner, EnvConfigurable):  # type: ign
 
         Called by ``KernelManager.pre_start_kernel`` before every (re)start; calls ``super()`` last.
         """
-        port_range = parse_port_range(self.port_range)
+        # always our allocator: ports picked independently by concurrent starts (and by ipykernel for
+        # its own pipe) collide under load, and a kernel that loses a port dies at start-up
+        port_range = parse_port_range(self.port_range) or default_port_range()
         km = self.parent
-        if port_range is not None and km is not None:
+        if km is not None and km.transport == "tcp":
             if not self._held_ports:
                 count = KERNEL_PORT_COUNT + _SPARE_PORTS
                 self._held_ports = tuple(PortAllocator.instance().allocate(count, port_range, km.ip))
@@ -103,7 +110,13 @@ class PortRangeLocalProvisioner(LocalProvisioner, EnvConfigurable):  # type: ign
         reader = asyncio.StreamReader()
         await asyncio.get_running_loop().connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
         while line := await reader.readline():
-            log.info("%s", line.decode(errors="replace").rstrip())
+            text = line.decode(errors="replace").rstrip()
+            self._last_output.append(text)
+            log.info("%s", text)
+
+    async def launch_diagnostics(self) -> str:
+        """The kernel's last lines of output, for a failed start's message."""
+        return "last lines of the kernel's output:\n" + "\n".join(self._last_output) if self._last_output else ""
 
     async def cleanup(self, restart: bool = False) -> None:
         """Release the ports unless the kernel is restarting. Called from ``KernelManager.cleanup_resources``."""

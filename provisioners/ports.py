@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from .errors import PortRangeError
 
-__all__ = ["PortAllocator", "PortRange", "parse_port_range"]
+__all__ = ["PortAllocator", "PortRange", "default_port_range", "parse_port_range"]
 
 #: A kernel needs five ports (shell, iopub, stdin, control, heartbeat).
 KERNEL_PORT_COUNT = 5
@@ -58,6 +58,16 @@ def parse_port_range(text: str, *, minimum_size: int = KERNEL_PORT_COUNT) -> Por
             f"port range {text!r} has {high - low + 1} ports; a kernel needs at least {minimum_size}"
         )
     return PortRange(low, high)
+
+
+def default_port_range() -> PortRange:
+    """Where kernel ports come from when no range is configured: the 10,000 ports just below the OS's
+    ephemeral range, so neither the OS nor a kernel picking a port at random can take one already handed out."""
+    try:
+        low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return PortRange(max(1024, low - 10_000), max(1024 + KERNEL_PORT_COUNT, low - 1))
 
 
 def _is_free(host: str, port: int) -> bool:

@@ -39,6 +39,17 @@ log = logging.getLogger("kernel_gateway.kernels")
 LAUNCH_GRACE = 5.0
 
 
+async def _diagnostics(km: AsyncKernelManager) -> str:
+    """What the kernel's provisioner can tell about a failed start (an optional provisioner hook)."""
+    hook = getattr(km.provisioner, "launch_diagnostics", None)
+    if hook is None:
+        return ""
+    try:
+        return await hook()
+    except Exception:  # diagnostics are a courtesy; the start's own error is what we report
+        return ""
+
+
 def iso_utc(stamp: float) -> str:
     """Format like jupyter_server expects: ``%Y-%m-%dT%H:%M:%S.%fZ``."""
     return datetime.fromtimestamp(stamp, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -210,6 +221,7 @@ class KernelRegistry(EnvConfigurable):
             kernel_spec_manager=self.kernel_spec_manager,
             connection_file=os.path.join(jupyter_runtime_dir(), f"kernel-{kernel_id}.json"),
             shutdown_wait_time=self.shutdown_timeout,
+            context=self._context,  # one ZMQ context (and I/O thread) for all kernels, not one each
             log=logging.LoggerAdapter(logging.getLogger("kernel_gateway.kernels"), {"kernel_id": kernel_id}),
         )
         kernel = ManagedKernel(kernel_id, name, user, km)
@@ -251,8 +263,10 @@ class KernelRegistry(EnvConfigurable):
             await self._discard(kernel)
             raise
         except Exception as exc:  # the provisioner or the kernel command failed; report the reason
+            detail = await _diagnostics(km)
             await self._discard(kernel)
-            raise LaunchError(f"kernel {kernel.name!r} failed to start: {exc}", kernel_id=kernel.kernel_id) from exc
+            raise LaunchError(f"kernel {kernel.name!r} failed to start: {exc}" + (f"; {detail}" if detail else ""),
+                              kernel_id=kernel.kernel_id) from exc
         kernel.execution_state = "idle"
         km.add_restart_callback(lambda: self._on_auto_restart(kernel), "restart")
         km.add_restart_callback(lambda: self._on_dead(kernel), "dead")
