@@ -100,8 +100,12 @@ def cleanup_stale() -> None:
             _run("ip", "netns", "del", name, check=False)
 
 
-def start_cluster(workdir: Path, count: int = 2) -> SSHCluster:
-    """Create ``count`` namespaces with sshd on port 22 and return how to reach them."""
+def start_cluster(workdir: Path, count: int = 2, niceness: int = 0) -> SSHCluster:
+    """Create ``count`` namespaces with sshd on port 22 and return how to reach them.
+
+    ``niceness`` lowers the priority of sshd and so of every kernel it starts: benchmarks use it so
+    that the "other hosts", which share this machine's CPUs, yield to the gateway as real ones would.
+    """
     ensure_openssh()
     cleanup_stale()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -142,7 +146,7 @@ def start_cluster(workdir: Path, count: int = 2) -> SSHCluster:
             )
             log = open(workdir / f"{name}_sshd.log", "wb")
             host.sshd = subprocess.Popen(
-                ["ip", "netns", "exec", name, "/usr/sbin/sshd", "-D", "-e", "-f", str(config)],
+                ["nice", "-n", str(niceness), "ip", "netns", "exec", name, "/usr/sbin/sshd", "-D", "-e", "-f", str(config)],
                 stdout=log, stderr=subprocess.STDOUT,
             )
             public = (workdir / f"{name}_host_key.pub").read_text().split()
