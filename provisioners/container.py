@@ -159,7 +159,9 @@ class ContainerProvisioner(RemoteProvisioner):
             if self.max_memory and memory > parse_memory(self.max_memory):
                 raise LaunchRequestError(f"KERNEL_MEMORY={env['KERNEL_MEMORY']} is above the limit of {self.max_memory}")
         gpus = _number(env, "KERNEL_GPUS", int, 0)
-        if gpus < 0 or gpus > self.max_gpus:
+        if gpus < 0:
+            raise LaunchRequestError("KERNEL_GPUS must not be negative")
+        if gpus > self.max_gpus:
             raise LaunchRequestError(f"KERNEL_GPUS={gpus} is above the limit of {self.max_gpus}")
         uid = _number(env, "KERNEL_UID", int, self.default_uid)
         gid = _number(env, "KERNEL_GID", int, self.default_gid)

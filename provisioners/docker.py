@@ -13,13 +13,14 @@ import ipaddress
 import logging
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import docker
 import docker.errors
 from docker.types import DeviceRequest, EndpointSpec, Mount, Resources, RestartPolicy, ServiceMode
-from traitlets import Float
+from traitlets import Float, TraitError, validate
 
 from ._blocking import run_blocking
 from .container import LABEL, ContainerProvisioner, ContainerRequest
@@ -41,6 +42,7 @@ class KernelState:
 
     status: str = "created"
     exit_code: int | None = None
+    error: str = ""  # the engine's reason, when it gave one (a rejected Swarm task)
 
 
 class DockerHost:
@@ -79,17 +81,29 @@ class DockerHost:
             return self.client
 
     def _watch(self) -> None:
-        """The one events stream for all kernel containers (runs in its own thread)."""
+        """The one events stream for all kernel containers (runs in its own thread, reopened if it ends)."""
         assert self.client is not None
         filters = {"type": "container", "label": [KERNEL_LABEL]}
-        try:
-            for event in self.client.events(decode=True, filters=filters):
-                attributes = event.get("Actor", {}).get("Attributes", {})
-                kernel_id = attributes.get(KERNEL_LABEL)
-                if kernel_id and self._loop is not None:
-                    self._loop.call_soon_threadsafe(self._on_event, kernel_id, event.get("status", ""), attributes)
-        except Exception:  # the stream ended (engine restarted or client closed): say so, states go stale
-            log.exception("Docker events stream ended")
+        while True:
+            try:
+                self._resync()
+                for event in self.client.events(decode=True, filters=filters):
+                    attributes = event.get("Actor", {}).get("Attributes", {})
+                    kernel_id = attributes.get(KERNEL_LABEL)
+                    if kernel_id and self._loop is not None:
+                        self._loop.call_soon_threadsafe(self._on_event, kernel_id, event.get("status", ""), attributes)
+            except Exception:  # the engine restarted or the connection broke: reopen after a pause
+                log.warning("Docker events stream ended; reopening it", exc_info=True)
+            time.sleep(1.0)
+
+    def _resync(self) -> None:
+        """Catch up with exits that happened while no stream was open (runs in the events thread)."""
+        assert self.client is not None
+        for container in self.client.containers.list(all=True, filters={"label": [KERNEL_LABEL], "status": "exited"}):
+            kernel_id = container.labels.get(KERNEL_LABEL)
+            code = container.attrs.get("State", {}).get("ExitCode", -1)
+            if kernel_id and self._loop is not None:
+                self._loop.call_soon_threadsafe(self._on_event, kernel_id, "die", {"exitCode": str(code)})
 
     def _on_event(self, kernel_id: str, status: str, attributes: dict[str, str]) -> None:
         if kernel_id in self.swarm_kernels:
@@ -141,7 +155,9 @@ class DockerHost:
                 status = task.get("Status", {})
                 state.status = status.get("State", state.status)
                 if state.status in TASK_ENDED and state.exit_code is None:
-                    state.exit_code = int(status.get("ContainerStatus", {}).get("ExitCode", -1) or -1)
+                    code = status.get("ContainerStatus", {}).get("ExitCode")
+                    state.exit_code = int(code) if code is not None else -1
+                    state.error = status.get("Err", "")
 
     async def reap(self, instance: str, keep: set[str]) -> None:
         """Remove containers and services a previous run of this gateway instance left behind."""
@@ -168,12 +184,6 @@ class DockerHost:
 
 class DockerProvisioner(ContainerProvisioner):
     """Each kernel is one container on the Docker engine the gateway talks to (DOCKER_HOST or the socket)."""
-
-    stop_timeout = Float(
-        5.0, config=True,
-        help="Seconds the engine gives a kernel container to stop before killing it (env: GATEWAY_DOCKER_STOP_TIMEOUT).",
-    )
-    stop_timeout_env = "GATEWAY_DOCKER_STOP_TIMEOUT"
 
     swarm = False
     _object_id: str | None = None
@@ -277,6 +287,8 @@ class DockerProvisioner(ContainerProvisioner):
             return ""
         state = self.host.states.get(self.kernel_id)
         code = f"exit code {state.exit_code}; " if state and state.exit_code is not None else ""
+        if state and state.error:
+            code += f"the engine says: {state.error}; "
         return f"{code}last lines of its log:\n{text.strip()}" if text.strip() else code.rstrip("; ")
 
     def _logs(self, client: docker.DockerClient, object_id: str) -> str:
@@ -307,6 +319,23 @@ class DockerSwarmProvisioner(DockerProvisioner):
     """Each kernel is one Swarm service with a single task; the network must be an attachable overlay."""
 
     swarm = True
+    stop_timeout = Float(
+        5.0, config=True,
+        help="Seconds Swarm gives a kernel's task to stop before killing it (env: GATEWAY_DOCKER_STOP_TIMEOUT).",
+    )
+    stop_timeout_env = "GATEWAY_DOCKER_STOP_TIMEOUT"
+
+    @validate("network")
+    def _overlay(self, proposal: dict[str, Any]) -> str:
+        if proposal["value"] in ("", "bridge"):
+            raise TraitError("a Swarm kernelspec needs 'network': an attachable overlay network (or 'host')")
+        return proposal["value"]
+
+    def container_request(self, cmd: list[str], env: dict[str, str], token: str) -> ContainerRequest:
+        request = super().container_request(cmd, env, token)
+        if request.gpus:
+            raise LaunchRequestError("KERNEL_GPUS: GPUs are not available to Swarm kernels; use the docker provisioner")
+        return request
 
     def _create(self, client: docker.DockerClient, request: ContainerRequest) -> str:
         for service in client.services.list(filters={"name": request.name}):
