@@ -22,8 +22,7 @@ from traitlets.config import Application
 
 from provisioners.eg_compat import CompatKernelSpecManager, EnterpriseGatewaySpecError
 from provisioners.envconfig import EnvConfigurable, env_source, env_value
-from provisioners.errors import PortRangeError
-from provisioners.ports import parse_port_range
+from provisioners.ports import PortRangeOption
 from provisioners.handshake import ResponseListener
 
 from . import __version__
@@ -124,7 +123,7 @@ class GatewayApp(EnvConfigurable, Application):
         "and printed at start-up, unless allow_unauthenticated_access is set (env: GATEWAY_AUTH_TOKEN).",
     )
     auth_token_env = "GATEWAY_AUTH_TOKEN"
-    port_range = Unicode(
+    port_range = PortRangeOption(
         "",
         config=True,
         help="Ports every kernel (local or remote), every launcher and the response listener may use, 'low..high'; "
@@ -209,14 +208,6 @@ class GatewayApp(EnvConfigurable, Application):
         if not 1 <= proposal["value"] <= 65535:
             raise TraitError(f"port must be between 1 and 65535, not {proposal['value']}")
         return proposal["value"]
-
-    @validate("port_range")
-    def _valid_range(self, proposal: dict[str, Any]) -> str:
-        try:
-            parse_port_range(proposal["value"])
-        except PortRangeError as exc:
-            raise TraitError(str(exc)) from exc
-        return proposal["value"].strip()
 
     @validate("base_url")
     def _slashes(self, proposal: dict[str, Any]) -> str:

@@ -69,8 +69,8 @@ def _env_default(trait_name: str, env_name: str):
         try:
             if hasattr(trait, "from_string_list"):
                 items = [item.strip() for item in raw.split(",") if item.strip()]
-                return trait.from_string_list(items)
-            return trait.from_string(raw)
+                return trait.validate(self, trait.from_string_list(items))
+            return trait.validate(self, trait.from_string(raw))
         except (TraitError, ValueError) as exc:
             raise TraitError(f"environment variable {env_source(env_name)}={raw!r} is not valid for {trait_name}: {exc}") from exc
 

@@ -11,14 +11,12 @@ from typing import Any
 
 from jupyter_client.launcher import launch_kernel
 from jupyter_client.provisioning import LocalProvisioner
-from traitlets import TraitError, Unicode, validate
 
 from launchers import PYTHON_LAUNCHER
 
 from ._blocking import run_blocking
 from .envconfig import EnvConfigurable
-from .errors import PortRangeError
-from .ports import KERNEL_PORT_COUNT, PortAllocator, default_port_range, parse_port_range
+from .ports import KERNEL_PORT_COUNT, PortAllocator, PortRangeOption, default_port_range, parse_port_range
 
 __all__ = ["PortRangeLocalProvisioner"]
 
@@ -36,7 +34,7 @@ class PortRangeLocalProvisioner(LocalProvisioner, EnvConfigurable):  # type: ign
     itself inside the range too. The kernel's output is logged line by line with its id.
     """
 
-    port_range = Unicode(
+    port_range = PortRangeOption(
         "",
         config=True,
         help="Ports the kernel may listen on, 'low..high' inclusive; empty draws them from the 10,000 ports "
@@ -50,14 +48,6 @@ class PortRangeLocalProvisioner(LocalProvisioner, EnvConfigurable):  # type: ign
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._last_output: collections.deque[str] = collections.deque(maxlen=15)
-
-    @validate("port_range")
-    def _validate_port_range(self, proposal: dict[str, Any]) -> str:
-        try:
-            parse_port_range(proposal["value"])
-        except PortRangeError as exc:
-            raise TraitError(str(exc)) from exc
-        return proposal["value"].strip()
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         """Reserve ports in the range, then let the local provisioner write the connection file.

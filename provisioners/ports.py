@@ -11,9 +11,11 @@ import random
 import socket
 from dataclasses import dataclass
 
+from traitlets import TraitError, Unicode
+
 from .errors import PortRangeError
 
-__all__ = ["PortAllocator", "PortRange", "default_port_range", "parse_port_range"]
+__all__ = ["PortAllocator", "PortRange", "PortRangeOption", "default_port_range", "parse_port_range"]
 
 #: A kernel needs five ports (shell, iopub, stdin, control, heartbeat).
 KERNEL_PORT_COUNT = 5
@@ -58,6 +60,18 @@ def parse_port_range(text: str, *, minimum_size: int = KERNEL_PORT_COUNT) -> Por
             f"port range {text!r} has {high - low + 1} ports; a kernel needs at least {minimum_size}"
         )
     return PortRange(low, high)
+
+
+class PortRangeOption(Unicode):
+    """A ``"low..high"`` option; a malformed range is a :class:`TraitError` naming the problem."""
+
+    def validate(self, obj, value):  # type: ignore[override]
+        value = super().validate(obj, value).strip()
+        try:
+            parse_port_range(value)
+        except PortRangeError as exc:
+            raise TraitError(str(exc)) from exc
+        return value
 
 
 def default_port_range() -> PortRange:

@@ -20,12 +20,12 @@ from abc import abstractmethod
 from typing import Any
 
 from jupyter_client.provisioning import KernelProvisionerBase
-from traitlets import Float, List, TraitError, Unicode, validate
+from traitlets import Float, List, Unicode
 
 from .envconfig import EnvConfigurable
-from .errors import BackendError, LaunchError, LaunchTimeoutError, PortRangeError
+from .errors import BackendError, LaunchError, LaunchTimeoutError
 from .handshake import LaunchInfo, ResponseListener
-from .ports import parse_port_range
+from .ports import PortRangeOption
 
 __all__ = ["RemoteProvisioner", "control_request"]
 
@@ -68,7 +68,7 @@ class RemoteProvisioner(KernelProvisionerBase, EnvConfigurable):  # type: ignore
     ``{response_address}``, ``{public_key}``, ``{port_range}``, ``{kernel_class_name}``.
     """
 
-    port_range = Unicode(
+    port_range = PortRangeOption(
         "",
         config=True,
         help="Ports the remote kernel and its launcher may listen on, 'low..high'; empty means any "
@@ -107,14 +107,6 @@ class RemoteProvisioner(KernelProvisionerBase, EnvConfigurable):  # type: ignore
     launch_info: LaunchInfo | None = None
     launch_values: dict[str, str] = {}  # the placeholder values of the current launch
     _token: str | None = None
-
-    @validate("port_range")
-    def _check_port_range(self, proposal: dict[str, Any]) -> str:
-        try:
-            parse_port_range(proposal["value"])
-        except PortRangeError as exc:
-            raise TraitError(str(exc)) from exc
-        return proposal["value"].strip()
 
     @property
     def listener(self) -> ResponseListener:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import getpass
-import os
 import re
 import shlex
 import socket

@@ -14,7 +14,6 @@ import secrets
 import shutil
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -32,7 +31,7 @@ from tests.services.docker_engine import (
     inputs_hash,
     remove_test_containers,
 )
-from tests.services.gateway import free_port
+from tests.services.gateway import free_port, wait_until
 
 BOOTSTRAP = "/usr/local/share/kernel-gateway/bootstrap-kernel.sh"
 PREFIX = "/usr/local/share/kernel-gateway"
@@ -49,17 +48,6 @@ ENV PIP_BREAK_SYSTEM_PACKAGES=1 PIP_CERT=/etc/ssl/certs/ca-certificates.crt \\
 COPY wheels/ /tmp/wheels/
 RUN pip install /tmp/wheels/*.whl && rm -rf /tmp/wheels && kernel-gateway image-bootstrap
 """
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 # ------------------------------------------------------------------------------------ no engine needed
@@ -233,7 +221,7 @@ async def run_kernel_in(image: str, run, command: list[str] | None = None) -> st
     client = None
     try:
         try:
-            info = await asyncio.wait_for(listener.wait(kernel_id), 90)
+            info = await asyncio.wait_until(listener.wait(kernel_id), 90)
         except asyncio.TimeoutError:
             container.reload()
             pytest.fail(f"no launcher report in 90s ({container.status}):\n{container.logs().decode()}")
@@ -291,7 +279,7 @@ def test_gateway_image_is_healthy_and_not_root(engine, built, run):
             pytest.fail(f"gateway container unhealthy: {state['Health']['Log'][-1:]}\n{container.logs().decode()}")
         return status == "healthy"
 
-    wait_for(health, 120, "the gateway container to become healthy")
+    wait_until(health, 120, "the gateway container to become healthy")
 
     request = urllib.request.Request(f"http://127.0.0.1:{port}/api", headers={"Authorization": f"token {token}"})
     with urllib.request.urlopen(request, timeout=10) as response:
