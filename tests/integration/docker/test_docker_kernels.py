@@ -15,7 +15,17 @@ from .conftest import CONTAINER_PORTS, containers_of, services_of, write_contain
 pytestmark = pytest.mark.cluster
 LOW, HIGH = (int(p) for p in CONTAINER_PORTS.split(".."))
 
+# the TCP ports this kernel process listens on: its socket inodes matched against the LISTEN rows
 LISTENING_PORTS = """
+import os, re
+inodes = set()
+for fd in os.listdir("/proc/self/fd"):
+    try:
+        match = re.match(r"socket:\\[(\\d+)\\]", os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        continue
+    if match:
+        inodes.add(match.group(1))
 ports = set()
 for table in ("/proc/net/tcp", "/proc/net/tcp6"):
     try:
@@ -24,10 +34,18 @@ for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         continue
     for row in rows:
         fields = row.split()
-        if fields[3] == "0A":
+        if fields[3] == "0A" and fields[9] in inodes:
             ports.add(int(fields[1].rsplit(":", 1)[1], 16))
 print(sorted(ports))
 """
+
+
+def interrupt_busy_loop(gw, ws, kid):
+    msg_id = ws.execute("while True:\n    pass")
+    wait_until(lambda: call(gw, "GET", f"/api/kernels/{kid}")[1]["execution_state"] == "busy", 20, what="busy")
+    assert call(gw, "POST", f"/api/kernels/{kid}/interrupt")[0] == 204
+    assert any(m["msg_type"] == "error" and m["content"]["ename"] == "KeyboardInterrupt"
+               for m in ws.collect(msg_id, timeout=20))
 
 
 def docker_gateway(tmp_path, images, instance, provisioner="docker-provisioner", **config):
@@ -55,11 +73,7 @@ def test_container_lifecycle_and_ports(tmp_path, docker_client, images, instance
             assert uid == "1000" and container.id.startswith(hostname)
             ports = eval(ws.run(LISTENING_PORTS)[0])
             assert len(ports) >= 6 and all(LOW <= p <= HIGH for p in ports), ports
-            msg_id = ws.execute("while True:\n    pass")
-            wait_until(lambda: call(gw, "GET", f"/api/kernels/{kid}")[1]["execution_state"] == "busy", 20, what="busy")
-            assert call(gw, "POST", f"/api/kernels/{kid}/interrupt")[0] == 204
-            assert any(m["msg_type"] == "error" and m["content"]["ename"] == "KeyboardInterrupt"
-                       for m in ws.collect(msg_id, timeout=20))
+            interrupt_busy_loop(gw, ws, kid)
             status, body, _ = call(gw, "POST", f"/api/kernels/{kid}/restart")
             assert status == 200 and body["id"] == kid
             assert ws.run("print('after restart')")[0].strip() == "after restart"
@@ -143,13 +157,14 @@ def test_swarm_service_lifecycle(tmp_path, swarm, images, instance):
         with KernelWS(gw, kid) as ws:
             assert ws.run("print(6 * 7)")[0].strip() == "42"
             ports = eval(ws.run(LISTENING_PORTS)[0])
+            assert len(ports) >= 6 and all(LOW <= p <= HIGH for p in ports), ports
+            interrupt_busy_loop(gw, ws, kid)
         status, body, _ = call(gw, "POST", f"/api/kernels/{kid}/restart")
         assert status == 200, body
         with KernelWS(gw, kid) as ws:
             assert ws.run("print('again')")[0].strip() == "again"
         assert call(gw, "DELETE", f"/api/kernels/{kid}")[0] == 204
         wait_until(lambda: not services_of(swarm, instance), 30, what="service removed")
-        assert any(LOW <= p <= HIGH for p in ports)
     finally:
         gw.stop()
         for service in services_of(swarm, instance):
