@@ -311,6 +311,11 @@ class GatewayApp(EnvConfigurable, Application):
                 validate_all(instance)
             except TraitError as exc:
                 raise TraitError(f"kernelspec {name!r} ({provisioner}): {exc}") from None
+            config = (spec.metadata or {}).get("kernel_provisioner", {}).get("config", {})
+            unknown = sorted(set(config) - set(instance.trait_names(config=True)))
+            if unknown:  # traitlets would ignore a misspelt option without a word
+                raise TraitError(f"kernelspec {name!r} ({provisioner}): unknown option(s) {', '.join(unknown)}; "
+                                 f"known: {', '.join(sorted(instance.trait_names(config=True)))}")
 
     # -- serving -------------------------------------------------------------------------------
     def web_app(self, state: ServerState) -> web.Application:

@@ -193,6 +193,16 @@ def test_kernelspec_with_unknown_provisioner_refuses_to_start(tmp_path):
     assert "Traceback" not in output
 
 
+def test_kernelspec_with_misspelt_provisioner_option_refuses_to_start(tmp_path):
+    jpath = tmp_path / "jupyter"
+    write_spec(jpath, "typo", IPYKERNEL_QUIET_ARGV, metadata={"kernel_provisioner": {
+        "provisioner_name": "local-port-range-provisioner", "config": {"port_rnage": "40000..40100"}}})
+    code, output, _ = run_failing_start([f"--port={free_port()}", "--auth-token=t"],
+                                        env=clean_env(JUPYTER_PATH=str(jpath)), cwd=tmp_path)
+    assert code not in (0, None) and "kernelspec 'typo'" in output and "port_rnage" in output, output
+    assert "Traceback" not in output
+
+
 @pytest.mark.parametrize("value", ["notanumber", "99999", "0"])
 def test_bad_gateway_port_env_refuses_to_start(tmp_path, value):
     code, output, elapsed = run_failing_start(["--auth-token=t"], env=clean_env(GATEWAY_PORT=value), cwd=tmp_path)
