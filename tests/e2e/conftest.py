@@ -139,16 +139,21 @@ def _shutdown_gateway_kernels(gateway: GatewayServer):
         pass
 
 
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory):
-    """Our gateway with a token, shared by one test module."""
-    tmp = tmp_path_factory.mktemp("gateway")
-    server = start_gateway(tmp_path=tmp, env=clean_env(tmp))
+def running_gateway(tmp_path_factory, name: str, *args: str):
+    """Yield our gateway (with a token, plus ``args``) for one module; its kernels are shut down after."""
+    tmp = tmp_path_factory.mktemp(name)
+    server = start_gateway(*args, tmp_path=tmp, env=clean_env(tmp))
     try:
         yield server
     finally:
         _shutdown_gateway_kernels(server)
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory):
+    """Our gateway with a token, shared by one test module."""
+    yield from running_gateway(tmp_path_factory, "gateway")
 
 
 @pytest.fixture(scope="module")

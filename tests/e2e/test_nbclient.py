@@ -15,9 +15,9 @@ import pytest
 import websocket
 from nbformat.v4 import new_code_cell, new_notebook
 
-from tests.services.gateway import start_gateway, wait_until
+from tests.services.gateway import wait_until
 
-from .conftest import _shutdown_gateway_kernels, clean_env, gateway_kernel_ids, http, start_gateway_kernel
+from .conftest import clean_env, gateway_kernel_ids, http, running_gateway, start_gateway_kernel
 from .kernel_ws import KernelWebSocket
 
 pytestmark = pytest.mark.e2e
@@ -37,25 +37,13 @@ nbformat.write(nb, sys.argv[2])
 @pytest.fixture(scope="module")
 def open_channels_gateway(tmp_path_factory):
     """Our gateway with a token for REST but anonymous kernel websockets allowed."""
-    tmp = tmp_path_factory.mktemp("gateway-open-channels")
-    server = start_gateway("--allow-unauthenticated-channels", tmp_path=tmp, env=clean_env(tmp))
-    try:
-        yield server
-    finally:
-        _shutdown_gateway_kernels(server)
-        server.stop()
+    yield from running_gateway(tmp_path_factory, "gateway-open-channels", "--allow-unauthenticated-channels")
 
 
 @pytest.fixture(scope="module")
 def default_gateway(tmp_path_factory):
     """Our gateway with a token and default options."""
-    tmp = tmp_path_factory.mktemp("gateway-default")
-    server = start_gateway(tmp_path=tmp, env=clean_env(tmp))
-    try:
-        yield server
-    finally:
-        _shutdown_gateway_kernels(server)
-        server.stop()
+    yield from running_gateway(tmp_path_factory, "gateway-default")
 
 
 def test_nbclient_executes_notebook_on_gateway(open_channels_gateway, tmp_path):
