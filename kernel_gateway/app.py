@@ -16,7 +16,7 @@ from typing import Any
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from jupyter_client.provisioning import KernelProvisionerFactory
 from jupyter_core.paths import jupyter_config_path
-from tornado import httpserver, web
+from tornado import httpserver
 from traitlets import Bool, CaselessStrEnum, Integer, TraitError, Type, Unicode, default, validate
 from traitlets.config import Application
 
@@ -27,10 +27,10 @@ from provisioners.handshake import ResponseListener
 
 from . import __version__
 from .kernels import KernelCuller, KernelRegistry
-from .logs import configure_logging, redact
+from .logs import configure_logging, log_request
 from .policy import GatewayPolicy
 from .sessions import SessionStore
-from .web import ROUTES, NotFoundHandler
+from .web import make_application
 
 __all__ = ["GatewayApp", "main"]
 
@@ -318,11 +318,9 @@ class GatewayApp(EnvConfigurable, Application):
                                  f"known: {', '.join(sorted(instance.trait_names(config=True)))}")
 
     # -- serving -------------------------------------------------------------------------------
-    def web_app(self, state: ServerState) -> web.Application:
+    def web_app(self, state: ServerState) -> Any:
         """The tornado application with every route under ``base_url``."""
-        handlers = [(self.base_url.rstrip("/") + pattern, handler) for pattern, handler in ROUTES]
         settings = {
-            "base_url": self.base_url,
             "auth_token": "" if self.allow_unauthenticated_access else self.auth_token,
             "allow_unauthenticated_channels": self.allow_unauthenticated_channels,
             "allow_origin": self.allow_origin,
@@ -332,13 +330,12 @@ class GatewayApp(EnvConfigurable, Application):
             "policy": self.policy,
             "sessions": self.sessions,
             "state": state,
-            "default_handler_class": NotFoundHandler,
-            "log_function": _log_request,
+            "log_function": log_request,
             "websocket_ping_interval": self.ws_ping_interval or None,
             "websocket_max_message_size": 64 * 1024 * 1024,
             "serve_traceback": False,
         }
-        return web.Application(handlers, **settings)
+        return make_application(self.base_url, **settings)
 
     def start(self) -> None:
         if self.subapp is not None:
@@ -387,21 +384,6 @@ class GatewayApp(EnvConfigurable, Application):
                   f"    jupyter lab --gateway-url={url} --GatewayClient.auth_token={self.auth_token}", flush=True)
         else:
             print(f"Kernel gateway running at {url} (token from configuration)", flush=True)
-
-
-_access_log = logging.getLogger("kernel_gateway.access")
-
-
-def _log_request(handler: web.RequestHandler) -> None:
-    status = handler.get_status()
-    level = logging.DEBUG if handler.request.path.endswith(("/healthz", "/readyz")) and status < 400 else logging.INFO
-    if status >= 500:
-        level = logging.ERROR
-    duration = 1000.0 * handler.request.request_time()
-    path = redact(handler.request.uri or "")
-    _access_log.log(level, "%d %s %s %.1fms", status, handler.request.method, path, duration,
-                    extra={"status": status, "method": handler.request.method, "path": path,
-                           "duration_ms": round(duration, 1)})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,7 +8,7 @@ import re
 import time
 from typing import Any
 
-__all__ = ["JSONFormatter", "TextFormatter", "configure_logging", "kernel_logger", "redact"]
+__all__ = ["JSONFormatter", "TextFormatter", "configure_logging", "log_request", "redact"]
 
 _SECRET_QUERY = re.compile(r"(?i)([?&](?:token|access_token)=)[^&\s]*")
 
@@ -65,6 +65,17 @@ def configure_logging(level: int | str, fmt: str) -> None:
         logger.propagate = True
 
 
-def kernel_logger(logger: logging.Logger, kernel_id: str) -> logging.LoggerAdapter:
-    """A logger whose records name ``kernel_id``."""
-    return logging.LoggerAdapter(logger, {"kernel_id": kernel_id})
+_access_log = logging.getLogger("kernel_gateway.access")
+
+
+def log_request(handler: Any) -> None:
+    """Tornado's access log: one line a request, token redacted; health probes only at debug level."""
+    status = handler.get_status()
+    level = logging.DEBUG if handler.request.path.endswith(("/healthz", "/readyz")) and status < 400 else logging.INFO
+    if status >= 500:
+        level = logging.ERROR
+    duration = 1000.0 * handler.request.request_time()
+    path = redact(handler.request.uri or "")
+    _access_log.log(level, "%d %s %s %.1fms", status, handler.request.method, path, duration,
+                    extra={"status": status, "method": handler.request.method, "path": path,
+                           "duration_ms": round(duration, 1)})

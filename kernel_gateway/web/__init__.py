@@ -1,5 +1,9 @@
 """The HTTP layer: one module per resource; auth, errors and CORS in ``base``."""
 
+from typing import Any
+
+from tornado import web
+
 from . import api, channels, health, kernels, kernelspecs, sessions
 from .base import NotFoundHandler
 
@@ -13,4 +17,10 @@ ROUTES = [
     *sessions.default_handlers,
 ]
 
-__all__ = ["NotFoundHandler", "ROUTES"]
+__all__ = ["NotFoundHandler", "ROUTES", "make_application"]
+
+
+def make_application(base_url: str, **settings: Any) -> web.Application:
+    """The tornado application: every route under ``base_url``, JSON 404 for the rest."""
+    handlers = [(base_url.rstrip("/") + pattern, handler) for pattern, handler in ROUTES]
+    return web.Application(handlers, base_url=base_url, default_handler_class=NotFoundHandler, **settings)
