@@ -265,7 +265,9 @@ class KernelBridge:
                         raise TimeoutError
                     try:
                         await asyncio.wait_for(_reply_to(shell, msg_id), min(1.0, remaining))
-                        await asyncio.wait_for(asyncio.shield(iopub_seen), min(1.0, max(deadline - time.monotonic(), 0.01)))
+                        # the reply came, so the kernel is up; if its iopub answer went out before our
+                        # subscription took, ask again soon rather than after a full second
+                        await asyncio.wait_for(asyncio.shield(iopub_seen), min(0.2, max(deadline - time.monotonic(), 0.01)))
                         return
                     except asyncio.TimeoutError:
                         if time.monotonic() >= deadline:
