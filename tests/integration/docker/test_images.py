@@ -221,7 +221,7 @@ async def run_kernel_in(image: str, run, command: list[str] | None = None) -> st
     client = None
     try:
         try:
-            info = await asyncio.wait_until(listener.wait(kernel_id), 90)
+            info = await asyncio.wait_for(listener.wait(kernel_id), 90)
         except asyncio.TimeoutError:
             container.reload()
             pytest.fail(f"no launcher report in 90s ({container.status}):\n{container.logs().decode()}")
@@ -279,7 +279,7 @@ def test_gateway_image_is_healthy_and_not_root(engine, built, run):
             pytest.fail(f"gateway container unhealthy: {state['Health']['Log'][-1:]}\n{container.logs().decode()}")
         return status == "healthy"
 
-    wait_until(health, 120, "the gateway container to become healthy")
+    wait_until(health, 120, interval=0.5, what="the gateway container to become healthy")
 
     request = urllib.request.Request(f"http://127.0.0.1:{port}/api", headers={"Authorization": f"token {token}"})
     with urllib.request.urlopen(request, timeout=10) as response:
