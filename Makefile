@@ -2,20 +2,27 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-stamp
+RUN_STAMP := $(VENV)/.run-stamp
+STAMP := $(VENV)/.test-stamp
 PYTEST_ARGS ?=
 
 .PHONY: install run test test-fast browser-deps docs bench clean
 
-$(STAMP): pyproject.toml
+# the gateway alone (what `make run` needs)
+$(RUN_STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+# plus what the tests use (jupyter_server clients, JupyterLab, pytest)
+$(STAMP): $(RUN_STAMP)
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
 install: $(STAMP)
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(VENV)/bin/kernel-gateway --ip=127.0.0.1 --port=8888
 
 browser-deps:
