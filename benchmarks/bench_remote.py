@@ -133,9 +133,9 @@ def main() -> None:
     figures: dict[str, dict] = {}
     try:
         if not args.no_ssh:
-            # the SSH hosts share this machine's two cores: at a lower priority they stand in for other
-            # machines, so that GET /api measures the gateway rather than CPUs busy starting kernels
-            cluster = start_cluster(tmp / "sshd", count=2, niceness=10)
+            # the SSH hosts share this machine's two cores: held to one core at a lower priority they
+            # stand in for other machines, so GET /api measures the gateway, not CPUs busy starting kernels
+            cluster = start_cluster(tmp / "sshd", count=2, niceness=10, cpus=1.0)
             write_ssh_spec(tmp / "data", "ssh", cluster, load_balancing="least-connection")
             specs.append("ssh")
         if args.docker:

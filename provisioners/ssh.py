@@ -176,7 +176,7 @@ class SSHProvisioner(RemoteProvisioner):
         try:
             return await run_blocking(run)
         except (paramiko.SSHException, OSError, socket.timeout) as exc:
-            raise LaunchError(f"ssh {host}: {command.split()[0]} failed ({exc})") from exc
+            raise LaunchError(f"ssh {host}: {command.split()[0]} failed ({_describe(exc)})") from exc
 
     # -- RemoteProvisioner hooks --------------------------------------------------------------------
     async def advertised_host(self) -> str:
@@ -234,7 +234,7 @@ class SSHProvisioner(RemoteProvisioner):
             channel.exec_command(command)
             channel.sendall((token + "\n").encode())
             channel.shutdown_write()
-            channel.settimeout(self.connect_timeout)
+            channel.settimeout(self.launch_timeout)  # a busy host may take a while to fork the shell
             first = b""
             while not first.endswith(b"\n"):
                 chunk = channel.recv(64)
@@ -246,7 +246,7 @@ class SSHProvisioner(RemoteProvisioner):
         try:
             self._channel, self._pid = await run_blocking(start)
         except (paramiko.SSHException, OSError, socket.timeout, ValueError) as exc:
-            raise LaunchError(f"ssh {self.host}: could not start the launcher ({exc})") from exc
+            raise LaunchError(f"ssh {self.host}: could not start the launcher ({_describe(exc)})") from exc
         self.log.info("kernel %s: launcher started on %s (pid %s)", self.kernel_id, self.host, self._pid)
 
     def launcher_exit_status(self) -> int | None:
@@ -296,6 +296,11 @@ class SSHProvisioner(RemoteProvisioner):
         info = await super().get_provisioner_info()
         info.update(host=self.host, remote_pid=self._pid)
         return info
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception as text, even when it carries no message (socket timeouts)."""
+    return str(exc) or type(exc).__name__
 
 
 def _env_name(name: str) -> bool:

@@ -89,6 +89,12 @@ class SSHCluster:
                 except ProcessLookupError:
                     pass
             _run("ip", "netns", "del", host.name, check=False)
+        group = self.extra.get("cgroup")
+        if group is not None:
+            try:
+                group.rmdir()
+            except OSError:
+                pass
 
 
 def cleanup_stale() -> None:
@@ -100,11 +106,31 @@ def cleanup_stale() -> None:
             _run("ip", "netns", "del", name, check=False)
 
 
-def start_cluster(workdir: Path, count: int = 2, niceness: int = 0) -> SSHCluster:
+def limit_cpu(name: str, cpus: float, pids: list[int]) -> Path | None:
+    """Put ``pids`` (and their future children) in a cgroup allowed ``cpus`` CPUs; None where cgroups are unavailable."""
+    v1 = Path("/sys/fs/cgroup/cpu")
+    group = (v1 if v1.is_dir() else Path("/sys/fs/cgroup")) / name
+    try:
+        group.mkdir(exist_ok=True)
+        if v1.is_dir():
+            (group / "cpu.cfs_period_us").write_text("100000")
+            (group / "cpu.cfs_quota_us").write_text(str(int(cpus * 100000)))
+        else:
+            (group / "cpu.max").write_text(f"{int(cpus * 100000)} 100000")
+        for pid in pids:
+            (group / "cgroup.procs").write_text(str(pid))
+    except OSError as exc:
+        print(f"sshd: cannot limit the hosts' CPU ({exc}); they share every core with the gateway")
+        return None
+    return group
+
+
+def start_cluster(workdir: Path, count: int = 2, niceness: int = 0, cpus: float = 0.0) -> SSHCluster:
     """Create ``count`` namespaces with sshd on port 22 and return how to reach them.
 
-    ``niceness`` lowers the priority of sshd and so of every kernel it starts: benchmarks use it so
-    that the "other hosts", which share this machine's CPUs, yield to the gateway as real ones would.
+    ``niceness`` and ``cpus`` (a CPU quota for all hosts together) constrain sshd and every kernel it
+    starts: benchmarks use them so that the "other hosts", which share this machine's CPUs, leave the
+    gateway the CPU that real other machines would.
     """
     ensure_openssh()
     cleanup_stale()
@@ -152,6 +178,8 @@ def start_cluster(workdir: Path, count: int = 2, niceness: int = 0) -> SSHCluste
             public = (workdir / f"{name}_host_key.pub").read_text().split()
             lines.append(f"{host.address} {public[0]} {public[1]}")
         known_hosts.write_text("\n".join(lines) + "\n")
+        if cpus:
+            cluster.extra["cgroup"] = limit_cpu(f"{PREFIX}hosts", cpus, [h.sshd.pid for h in hosts if h.sshd])
         for host in hosts:
             wait_until(lambda h=host: 22 in h.listening_ports(), 20, what=f"sshd in {host.name}")
     except Exception:
