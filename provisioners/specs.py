@@ -68,10 +68,14 @@ class _InstallApp(Application):
         """The kernel command: our launcher on the kernel's host."""
         return launcher_argv(self.python, self.launcher)
 
-    def start(self) -> None:
-        if not self.spec_name:
-            print(f"{self.name}: --name is required", file=sys.stderr)
+    def require(self, value: Any, flag: str) -> None:
+        """Exit with status 2 and a message when a required option is missing."""
+        if not value:
+            print(f"{self.name}: {flag} is required", file=sys.stderr)
             self.exit(2)
+
+    def start(self) -> None:
+        self.require(self.spec_name, "--name")
         config = self.provisioner_config()
         if self.port_range:
             config["port_range"] = self.port_range
@@ -111,9 +115,7 @@ class SSHSpecApp(_InstallApp):
 
     def provisioner_config(self) -> dict[str, Any]:
         hosts = _split(self.hosts)
-        if not hosts:
-            print(f"{self.name}: --hosts is required", file=sys.stderr)
-            self.exit(2)
+        self.require(hosts, "--hosts")
         config: dict[str, Any] = {"remote_hosts": hosts, "load_balancing": self.load_balancing}
         if self.remote_user:
             config["remote_user"] = self.remote_user
@@ -140,9 +142,7 @@ class DockerSpecApp(_InstallApp):
         return [self.bootstrap]
 
     def provisioner_config(self) -> dict[str, Any]:
-        if not self.image:
-            print(f"{self.name}: --image is required", file=sys.stderr)
-            self.exit(2)
+        self.require(self.image, "--image")
         config: dict[str, Any] = {"image": self.image}
         if self.network:
             config["network"] = self.network

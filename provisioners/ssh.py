@@ -43,6 +43,10 @@ class _Hosts:
         else:
             host = hosts[self.next_index % len(hosts)]
             self.next_index += 1
+        return self.take(host)
+
+    def take(self, host: str) -> str:
+        """Count one more kernel on ``host``."""
         self.counts[host] = self.counts.get(host, 0) + 1
         return host
 
@@ -201,8 +205,7 @@ class SSHProvisioner(RemoteProvisioner):
         if requested not in self.remote_hosts:
             raise LaunchRequestError(f"KERNEL_REMOTE_HOST {requested!r} is not one of the allowed hosts: "
                                      f"{', '.join(self.remote_hosts)}")
-        HOSTS.counts[requested] = HOSTS.counts.get(requested, 0) + 1
-        return requested
+        return HOSTS.take(requested)
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         env = kwargs.get("env") or {}
@@ -213,6 +216,11 @@ class SSHProvisioner(RemoteProvisioner):
         return await super().pre_launch(**kwargs)
 
     @property
+    def _sudo(self) -> str:
+        """The command prefix that runs as the kernel's user when impersonating, else ''."""
+        return f"sudo -n -u {shlex.quote(self._user)} " if self.impersonate else ""
+
+    @property
     def _log_path(self) -> str:
         return f"{self.remote_log_dir.rstrip('/')}/kernel-{self.kernel_id}.log"
 
@@ -220,9 +228,8 @@ class SSHProvisioner(RemoteProvisioner):
         """The shell command run on the host: prints its pid, then execs the launcher with output to the log."""
         assignments = " ".join(shlex.quote(f"{k}={v}") for k, v in sorted(env.items()) if _env_name(k))
         launcher = " ".join(shlex.quote(part) for part in cmd)
-        sudo = f"sudo -n -u {shlex.quote(self._user)} " if self.impersonate else ""
         log = shlex.quote(self._log_path)
-        return f"echo $$; exec {sudo}env {assignments} {launcher} > {log} 2>&1"
+        return f"echo $$; exec {self._sudo}env {assignments} {launcher} > {log} 2>&1"
 
     async def start_launcher(self, cmd: list[str], env: dict[str, str], token: str) -> None:
         assert self.host is not None
@@ -261,7 +268,7 @@ class SSHProvisioner(RemoteProvisioner):
 
     async def kill_launcher(self) -> None:
         if self.host and self._pid:
-            sudo = f"sudo -n -u {shlex.quote(self._user)} " if self.impersonate else ""
+            sudo = self._sudo
             try:
                 await self._run(self.host, f"{sudo}kill -9 -- -{self._pid} 2>/dev/null || {sudo}kill -9 {self._pid} 2>/dev/null; true")
             except LaunchError as exc:
