@@ -21,7 +21,7 @@ from traitlets import Bool, CaselessStrEnum, Integer, TraitError, Type, Unicode,
 from traitlets.config import Application
 
 from provisioners.eg_compat import CompatKernelSpecManager, EnterpriseGatewaySpecError
-from provisioners.envconfig import EnvConfigurable, env_source, env_value
+from provisioners.envconfig import EnvConfigurable, env_name, env_source, env_value
 from provisioners.ports import PortRangeOption
 from provisioners.handshake import ResponseListener
 
@@ -79,7 +79,7 @@ def validate_all(configurable: Any) -> None:
         try:
             setattr(configurable, name, value)  # assignment runs the @validate checks a default skips
         except TraitError as exc:
-            env = getattr(configurable, f"{name}_env", None)
+            env = env_name(configurable.traits()[name])
             source = f" (from {env_source(env)})" if env and env_value(env) is not None else ""
             raise TraitError(f"{type(configurable).__name__}.{name}{source}: {exc}") from None
 
@@ -110,63 +110,50 @@ class GatewayApp(EnvConfigurable, Application):
         ),
     }
 
-    ip = Unicode("127.0.0.1", config=True, help="Address the gateway listens on (env: GATEWAY_IP).")
-    ip_env = "GATEWAY_IP"
-    port = Integer(8888, config=True, help="TCP port the gateway listens on (env: GATEWAY_PORT).")
-    port_env = "GATEWAY_PORT"
-    base_url = Unicode("/", config=True, help="Path prefix of every route, e.g. /gateway/ (env: GATEWAY_BASE_URL).")
-    base_url_env = "GATEWAY_BASE_URL"
+    ip = Unicode("127.0.0.1", config=True, help="Address the gateway listens on.").tag(env="GATEWAY_IP")
+    port = Integer(8888, config=True, help="TCP port the gateway listens on.").tag(env="GATEWAY_PORT")
+    base_url = Unicode("/", config=True, help="Path prefix of every route, e.g. /gateway/.").tag(env="GATEWAY_BASE_URL")
     auth_token = Unicode(
         "",
         config=True,
         help="Token clients must send (Authorization: token|Bearer <t>, or ?token=). Empty: one is generated "
-        "and printed at start-up, unless allow_unauthenticated_access is set (env: GATEWAY_AUTH_TOKEN).",
-    )
-    auth_token_env = "GATEWAY_AUTH_TOKEN"
+        "and printed at start-up, unless allow_unauthenticated_access is set.",
+    ).tag(env="GATEWAY_AUTH_TOKEN")
     port_range = PortRangeOption(
         "",
         config=True,
         help="Ports every kernel (local or remote), every launcher and the response listener may use, 'low..high'; "
-        "a kernelspec's kernel_provisioner.config.port_range overrides it for that spec. Empty: any port "
-        "(env: GATEWAY_PORT_RANGE).",
-    )
-    port_range_env = "GATEWAY_PORT_RANGE"
+        "a kernelspec's kernel_provisioner.config.port_range overrides it for that spec. Empty: any port.",
+    ).tag(env="GATEWAY_PORT_RANGE")
     allow_unauthenticated_access = Bool(
         False,
         config=True,
-        help="Serve without any token. Anyone who can reach the port can run code; a warning is logged "
-        "(env: GATEWAY_ALLOW_UNAUTHENTICATED_ACCESS).",
-    )
-    allow_unauthenticated_access_env = "GATEWAY_ALLOW_UNAUTHENTICATED_ACCESS"
+        help="Serve without any token. Anyone who can reach the port can run code; a warning is logged.",
+    ).tag(env="GATEWAY_ALLOW_UNAUTHENTICATED_ACCESS")
     allow_unauthenticated_channels = Bool(
         False,
         config=True,
         help="Accept kernel websockets (/api/kernels/{id}/channels) without a token; REST still needs it. "
         "For clients that send no credentials on the websocket (nbclient/papermill via jupyter_server's "
         "GatewayKernelManager): the kernel id, a random UUID only returned to authenticated callers, "
-        "then acts as the credential (env: GATEWAY_ALLOW_UNAUTHENTICATED_CHANNELS).",
-    )
-    allow_unauthenticated_channels_env = "GATEWAY_ALLOW_UNAUTHENTICATED_CHANNELS"
+        "then acts as the credential.",
+    ).tag(env="GATEWAY_ALLOW_UNAUTHENTICATED_CHANNELS")
     allow_origin = Unicode(
         "",
         config=True,
         help="Origins allowed for CORS and websockets besides the gateway's own: '*' or a comma-separated "
-        "list; empty allows same-origin and origin-less clients only (env: GATEWAY_ALLOW_ORIGIN).",
-    )
-    allow_origin_env = "GATEWAY_ALLOW_ORIGIN"
+        "list; empty allows same-origin and origin-less clients only.",
+    ).tag(env="GATEWAY_ALLOW_ORIGIN")
     max_body_size = Integer(
         1024 * 1024,
         config=True,
-        help="Largest request body accepted, in bytes; larger ones get 413 (env: GATEWAY_MAX_BODY_SIZE).",
-    )
-    max_body_size_env = "GATEWAY_MAX_BODY_SIZE"
+        help="Largest request body accepted, in bytes; larger ones get 413.",
+    ).tag(env="GATEWAY_MAX_BODY_SIZE")
     ws_ping_interval = Integer(
         30,
         config=True,
-        help="Seconds between websocket pings that keep idle connections open through proxies; 0 disables "
-        "(env: GATEWAY_WS_PING_INTERVAL).",
-    )
-    ws_ping_interval_env = "GATEWAY_WS_PING_INTERVAL"
+        help="Seconds between websocket pings that keep idle connections open through proxies; 0 disables.",
+    ).tag(env="GATEWAY_WS_PING_INTERVAL")
     legacy_binary_frames = CaselessStrEnum(
         ["auto", "always", "never"],
         "auto",
@@ -174,22 +161,19 @@ class GatewayApp(EnvConfigurable, Application):
         help="How messages with binary buffers reach legacy-protocol websocket clients: 'always' as legacy binary "
         "frames; 'never' as JSON text frames with base64 buffers; 'auto' sends text frames to jupyter_server's "
         "gateway client (User-Agent Tornado/...), whose relay decodes every frame as UTF-8 and goes silent for good "
-        "on a binary one, and binary frames to every other client (env: GATEWAY_LEGACY_BINARY_FRAMES).",
-    )
-    legacy_binary_frames_env = "GATEWAY_LEGACY_BINARY_FRAMES"
+        "on a binary one, and binary frames to every other client.",
+    ).tag(env="GATEWAY_LEGACY_BINARY_FRAMES")
     json_logs = Bool(
         False,
         config=True,
-        help="Log one JSON object a line (for log collectors) instead of text (env: GATEWAY_JSON_LOGS).",
-    )
-    json_logs_env = "GATEWAY_JSON_LOGS"
+        help="Log one JSON object a line (for log collectors) instead of text.",
+    ).tag(env="GATEWAY_JSON_LOGS")
     config_file = Unicode(
         "",
         config=True,
         help="A Python config file (c.GatewayApp.port = ...). Empty: kernel_gateway_config.py is read from the "
-        "Jupyter config path and the working directory if present (env: GATEWAY_CONFIG_FILE).",
-    )
-    config_file_env = "GATEWAY_CONFIG_FILE"
+        "Jupyter config path and the working directory if present.",
+    ).tag(env="GATEWAY_CONFIG_FILE")
 
     kernel_spec_manager_class = Type(
         "provisioners.eg_compat.CompatKernelSpecManager",

@@ -26,72 +26,61 @@ class GatewayPolicy(EnvConfigurable):
         config=True,
         help="HTTP header set by a trusted auth proxy that names the user (e.g. X-Forwarded-User); "
         "when set it wins over KERNEL_USERNAME from the request. Empty: identity comes from "
-        "KERNEL_USERNAME (env: GATEWAY_IDENTITY_HEADER).",
-    )
-    identity_header_env = "GATEWAY_IDENTITY_HEADER"
+        "KERNEL_USERNAME.",
+    ).tag(env="GATEWAY_IDENTITY_HEADER")
 
     authorized_users = List(
         Unicode(),
         config=True,
         help="Users allowed to start kernels; empty allows everyone not in unauthorized_users. A kernelspec "
-        "can narrow it with metadata.authorized_users (env: GATEWAY_AUTHORIZED_USERS, comma-separated).",
-    )
-    authorized_users_env = "GATEWAY_AUTHORIZED_USERS"
+        "can narrow it with metadata.authorized_users.",
+    ).tag(env="GATEWAY_AUTHORIZED_USERS")
 
     unauthorized_users = List(
         Unicode(),
         ["root"],
         config=True,
         help="Users never allowed to start kernels; a kernelspec can add more with "
-        "metadata.unauthorized_users (env: GATEWAY_UNAUTHORIZED_USERS, comma-separated). Default: root.",
-    )
-    unauthorized_users_env = "GATEWAY_UNAUTHORIZED_USERS"
+        "metadata.unauthorized_users. Default: root.",
+    ).tag(env="GATEWAY_UNAUTHORIZED_USERS")
 
     client_envs = List(
         Unicode(),
         config=True,
-        help="Request env variables passed to kernels besides KERNEL_*; empty passes only KERNEL_* "
-        "(env: GATEWAY_CLIENT_ENVS, comma-separated).",
-    )
-    client_envs_env = "GATEWAY_CLIENT_ENVS"
+        help="Request env variables passed to kernels besides KERNEL_*; empty passes only KERNEL_*.",
+    ).tag(env="GATEWAY_CLIENT_ENVS")
 
     inherited_envs = List(
         Unicode(),
         config=True,
         help="Variables of the gateway's own environment passed to every kernel, besides PATH; "
-        "empty passes only PATH (env: GATEWAY_INHERITED_ENVS, comma-separated).",
-    )
-    inherited_envs_env = "GATEWAY_INHERITED_ENVS"
+        "empty passes only PATH.",
+    ).tag(env="GATEWAY_INHERITED_ENVS")
 
     launch_timeout = Float(
         60.0,
         config=True,
         help="Seconds a kernel may take to start and answer kernel_info; the client may ask for another "
-        "value with KERNEL_LAUNCH_TIMEOUT, up to max_launch_timeout (env: GATEWAY_KERNEL_LAUNCH_TIMEOUT).",
-    )
-    launch_timeout_env = "GATEWAY_KERNEL_LAUNCH_TIMEOUT"
+        "value with KERNEL_LAUNCH_TIMEOUT, up to max_launch_timeout.",
+    ).tag(env="GATEWAY_KERNEL_LAUNCH_TIMEOUT")
 
     max_launch_timeout = Float(
         300.0,
         config=True,
-        help="Upper bound, in seconds, on a client's KERNEL_LAUNCH_TIMEOUT (env: GATEWAY_MAX_LAUNCH_TIMEOUT).",
-    )
-    max_launch_timeout_env = "GATEWAY_MAX_LAUNCH_TIMEOUT"
+        help="Upper bound, in seconds, on a client's KERNEL_LAUNCH_TIMEOUT.",
+    ).tag(env="GATEWAY_MAX_LAUNCH_TIMEOUT")
 
     max_kernels = Integer(
         0,
         config=True,
-        help="Most kernels running or starting at once; 0 means no limit (env: GATEWAY_MAX_KERNELS).",
-    )
-    max_kernels_env = "GATEWAY_MAX_KERNELS"
+        help="Most kernels running or starting at once; 0 means no limit.",
+    ).tag(env="GATEWAY_MAX_KERNELS")
 
     max_kernels_per_user = Integer(
         0,
         config=True,
-        help="Most kernels one user may have running or starting; 0 means no limit "
-        "(env: GATEWAY_MAX_KERNELS_PER_USER).",
-    )
-    max_kernels_per_user_env = "GATEWAY_MAX_KERNELS_PER_USER"
+        help="Most kernels one user may have running or starting; 0 means no limit.",
+    ).tag(env="GATEWAY_MAX_KERNELS_PER_USER")
 
     @validate("launch_timeout", "max_launch_timeout")
     def _positive_timeout(self, proposal: dict[str, Any]) -> float:

@@ -57,66 +57,50 @@ class ContainerProvisioner(RemoteProvisioner):
     image = Unicode(
         "",
         config=True,
-        help="Kernel image for this kernelspec, e.g. kernel-gateway/python-kernel:latest (env: GATEWAY_KERNEL_IMAGE).",
-    )
-    image_env = "GATEWAY_KERNEL_IMAGE"
+        help="Kernel image for this kernelspec, e.g. kernel-gateway/python-kernel:latest.",
+    ).tag(env="GATEWAY_KERNEL_IMAGE")
     allowed_images = List(
         Unicode(),
         config=True,
-        help="Images a client may request with KERNEL_IMAGE; empty allows only the kernelspec's image "
-        "(env: GATEWAY_ALLOWED_IMAGES, comma-separated).",
-    )
-    allowed_images_env = "GATEWAY_ALLOWED_IMAGES"
+        help="Images a client may request with KERNEL_IMAGE; empty allows only the kernelspec's image.",
+    ).tag(env="GATEWAY_ALLOWED_IMAGES")
     max_cpus = Float(
-        0.0, config=True, help="Most CPUs a client may request with KERNEL_CPUS; 0 means no limit (env: GATEWAY_MAX_CPUS)."
-    )
-    max_cpus_env = "GATEWAY_MAX_CPUS"
+        0.0, config=True, help="Most CPUs a client may request with KERNEL_CPUS; 0 means no limit."
+    ).tag(env="GATEWAY_MAX_CPUS")
     max_memory = Unicode(
         "",
         config=True,
-        help="Most memory a client may request with KERNEL_MEMORY, e.g. '8g'; empty means no limit "
-        "(env: GATEWAY_MAX_MEMORY).",
-    )
-    max_memory_env = "GATEWAY_MAX_MEMORY"
+        help="Most memory a client may request with KERNEL_MEMORY, e.g. '8g'; empty means no limit.",
+    ).tag(env="GATEWAY_MAX_MEMORY")
     max_gpus = Integer(
-        0, config=True, help="Most GPUs a client may request with KERNEL_GPUS; 0 allows none (env: GATEWAY_MAX_GPUS)."
-    )
-    max_gpus_env = "GATEWAY_MAX_GPUS"
-    default_uid = Integer(1000, config=True, help="User id kernels run as unless KERNEL_UID says otherwise (env: GATEWAY_KERNEL_UID).")
-    default_uid_env = "GATEWAY_KERNEL_UID"
-    default_gid = Integer(100, config=True, help="Group id kernels run as unless KERNEL_GID says otherwise (env: GATEWAY_KERNEL_GID).")
-    default_gid_env = "GATEWAY_KERNEL_GID"
+        0, config=True, help="Most GPUs a client may request with KERNEL_GPUS; 0 allows none."
+    ).tag(env="GATEWAY_MAX_GPUS")
+    default_uid = Integer(1000, config=True, help="User id kernels run as unless KERNEL_UID says otherwise.").tag(env="GATEWAY_KERNEL_UID")
+    default_gid = Integer(100, config=True, help="Group id kernels run as unless KERNEL_GID says otherwise.").tag(env="GATEWAY_KERNEL_GID")
     prohibited_uids = List(
         Integer(), [0], config=True,
-        help="User ids a client may not request with KERNEL_UID (env: GATEWAY_PROHIBITED_UIDS, comma-separated). Default: 0.",
-    )
-    prohibited_uids_env = "GATEWAY_PROHIBITED_UIDS"
+        help="User ids a client may not request with KERNEL_UID. Default: 0.",
+    ).tag(env="GATEWAY_PROHIBITED_UIDS")
     prohibited_gids = List(
         Integer(), [0], config=True,
-        help="Group ids a client may not request with KERNEL_GID (env: GATEWAY_PROHIBITED_GIDS, comma-separated). Default: 0.",
-    )
-    prohibited_gids_env = "GATEWAY_PROHIBITED_GIDS"
+        help="Group ids a client may not request with KERNEL_GID. Default: 0.",
+    ).tag(env="GATEWAY_PROHIBITED_GIDS")
     volumes = List(
         Unicode(),
         config=True,
-        help="Volumes mounted into every kernel container, 'source:target[:ro]'; only from operator configuration "
-        "(env: GATEWAY_KERNEL_VOLUMES, comma-separated).",
-    )
-    volumes_env = "GATEWAY_KERNEL_VOLUMES"
+        help="Volumes mounted into every kernel container, 'source:target[:ro]'; only from operator configuration.",
+    ).tag(env="GATEWAY_KERNEL_VOLUMES")
     network = Unicode(
         "bridge",
         config=True,
-        help="Docker network kernel containers join; the gateway must reach it (env: GATEWAY_DOCKER_NETWORK).",
-    )
-    network_env = "GATEWAY_DOCKER_NETWORK"
+        help="Docker network kernel containers join; the gateway must reach it.",
+    ).tag(env="GATEWAY_DOCKER_NETWORK")
     instance_name = Unicode(
         "",
         config=True,
         help="Name of this gateway on the container host; containers carry it, and a gateway that starts again "
-        "under the same name removes the kernels its previous run left behind. Empty: the host name "
-        "(env: GATEWAY_INSTANCE_NAME).",
-    )
-    instance_name_env = "GATEWAY_INSTANCE_NAME"
+        "under the same name removes the kernels its previous run left behind. Empty: the host name.",
+    ).tag(env="GATEWAY_INSTANCE_NAME")
 
     @validate("max_memory")
     def _memory_size(self, proposal: dict[str, Any]) -> str:

@@ -321,9 +321,8 @@ class DockerSwarmProvisioner(DockerProvisioner):
     swarm = True
     stop_timeout = Float(
         5.0, config=True,
-        help="Seconds Swarm gives a kernel's task to stop before killing it (env: GATEWAY_DOCKER_STOP_TIMEOUT).",
-    )
-    stop_timeout_env = "GATEWAY_DOCKER_STOP_TIMEOUT"
+        help="Seconds Swarm gives a kernel's task to stop before killing it.",
+    ).tag(env="GATEWAY_DOCKER_STOP_TIMEOUT")
 
     @validate("network")
     def _overlay(self, proposal: dict[str, Any]) -> str:

@@ -81,9 +81,8 @@ class CompatKernelSpecManager(KernelSpecManager, EnvConfigurable):  # type: igno
         config=True,
         help="Serve Enterprise Gateway kernelspecs (metadata.process_proxy) with our provisioners; off, such specs "
         "stop the gateway at start-up. EG launchers also need ResponseListener.accept_enterprise_gateway; the "
-        "gateway's --accept-enterprise-gateway flag sets both (env: GATEWAY_ACCEPT_ENTERPRISE_GATEWAY).",
-    )
-    accept_enterprise_gateway_env = "GATEWAY_ACCEPT_ENTERPRISE_GATEWAY"
+        "gateway's --accept-enterprise-gateway flag sets both.",
+    ).tag(env="GATEWAY_ACCEPT_ENTERPRISE_GATEWAY")
 
     def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
         spec = super().get_kernel_spec(kernel_name)

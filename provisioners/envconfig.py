@@ -1,8 +1,9 @@
 """Environment-backed option defaults: one precedence rule for every configurable class.
 
-A class that mixes in :class:`EnvConfigurable` and declares ``<trait>_env = "GATEWAY_X"`` gets a
-dynamic default for ``<trait>`` that reads that environment variable (or its Enterprise Gateway
-alias from :data:`ALIASES`) when nothing else set the trait. Since traitlets consults a dynamic
+A class that mixes in :class:`EnvConfigurable` and tags a trait ``.tag(env="GATEWAY_X")`` gets a
+dynamic default for it that reads that environment variable (or its Enterprise Gateway alias from
+:data:`ALIASES`) when nothing else set the trait, and ``(env: GATEWAY_X)`` appended to its help, so
+the name is written once and ``--help-all`` and the generated reference show it. Since traitlets consults a dynamic
 default only when neither constructor kwargs (kernelspec ``kernel_provisioner.config``) nor the
 config file / command line gave a value, precedence is always:
 
@@ -17,7 +18,7 @@ from typing import Any
 from traitlets import TraitError, TraitType
 from traitlets.config import LoggingConfigurable
 
-__all__ = ["ALIASES", "ENV_PREFIX", "EnvConfigurable", "env_source", "env_value"]
+__all__ = ["ALIASES", "ENV_PREFIX", "EnvConfigurable", "env_name", "env_source", "env_value"]
 
 #: The one prefix of our environment variables.
 ENV_PREFIX = "GATEWAY_"
@@ -60,6 +61,11 @@ def env_source(name: str) -> str:
     return alias if name not in os.environ and alias and alias in os.environ else name
 
 
+def env_name(trait: TraitType) -> str | None:
+    """The environment variable a trait reads (its ``env`` tag), or None."""
+    return trait.metadata.get("env")
+
+
 def _env_default(trait_name: str, env_name: str):
     def default(self: Any) -> Any:
         trait = self.traits()[trait_name]
@@ -80,9 +86,9 @@ def _env_default(trait_name: str, env_name: str):
 
 
 class EnvConfigurable(LoggingConfigurable):
-    """A configurable whose ``<trait>_env`` class attributes name the variable each trait reads.
+    """A configurable whose traits tagged ``env="NAME"`` read that variable when nothing else sets them.
 
-    Subclasses only declare the names; the defaults are generated once per class here, so every
+    Subclasses only tag the traits; the defaults are generated once per class here, so every
     option follows the same precedence and the same parsing (lists are comma-separated).
     """
 
@@ -90,10 +96,11 @@ class EnvConfigurable(LoggingConfigurable):
         super().__init_subclass__(**kwargs)
         # runs before traitlets' setup_class, which then picks the generated _<name>_default up
         for name in dir(cls):
-            env_name = getattr(cls, f"{name}_env", None)
-            if (
-                isinstance(env_name, str)
-                and isinstance(getattr(cls, name, None), TraitType)
-                and f"_{name}_default" not in cls.__dict__
-            ):
-                setattr(cls, f"_{name}_default", _env_default(name, env_name))
+            trait = getattr(cls, name, None)
+            if not isinstance(trait, TraitType) or (env := env_name(trait)) is None:
+                continue
+            if f"_{name}_default" not in cls.__dict__:
+                setattr(cls, f"_{name}_default", _env_default(name, env))
+            if "(env: " not in (trait.help or ""):  # a trait is shared with its base class: append once
+                lists = ", comma-separated" if hasattr(trait, "from_string_list") else ""
+                trait.help = f"{trait.help} (env: {env}{lists})".strip()

@@ -72,38 +72,31 @@ class ResponseListener(EnvConfigurable):
     response_ip = Unicode(
         "0.0.0.0",
         config=True,
-        help="Address the response listener binds (env: GATEWAY_RESPONSE_IP).",
-    )
-    response_ip_env = "GATEWAY_RESPONSE_IP"
+        help="Address the response listener binds.",
+    ).tag(env="GATEWAY_RESPONSE_IP")
     response_port = Integer(
         0,
         config=True,
-        help="Port of the response listener; 0 picks a free one, inside response_port_range when that is set "
-        "(env: GATEWAY_RESPONSE_PORT).",
-    )
-    response_port_env = "GATEWAY_RESPONSE_PORT"
+        help="Port of the response listener; 0 picks a free one, inside response_port_range when that is set.",
+    ).tag(env="GATEWAY_RESPONSE_PORT")
     response_port_range = Unicode(
         "",
         config=True,
         help="Range ('low..high') the listener's port is picked from when response_port is 0; usually the "
-        "kernels' port range. Empty: any free port (env: GATEWAY_PORT_RANGE).",
-    )
-    response_port_range_env = "GATEWAY_PORT_RANGE"
+        "kernels' port range. Empty: any free port.",
+    ).tag(env="GATEWAY_PORT_RANGE")
     accept_enterprise_gateway = Bool(
         False,
         config=True,
         help="Also accept Enterprise Gateway's version-1 launcher payload (RSA-2048 + AES, no launch token) so EG "
         "kernel images work unchanged. Weaker than our format: enable only while migrating. The gateway's "
-        "--accept-enterprise-gateway flag sets this and CompatKernelSpecManager.accept_enterprise_gateway together "
-        "(env: GATEWAY_ACCEPT_ENTERPRISE_GATEWAY).",
-    )
-    accept_enterprise_gateway_env = "GATEWAY_ACCEPT_ENTERPRISE_GATEWAY"
+        "--accept-enterprise-gateway flag sets this and CompatKernelSpecManager.accept_enterprise_gateway together.",
+    ).tag(env="GATEWAY_ACCEPT_ENTERPRISE_GATEWAY")
     read_timeout = Float(
         10.0,
         config=True,
-        help="Seconds a launcher connection may take to deliver its whole payload (env: GATEWAY_RESPONSE_READ_TIMEOUT).",
-    )
-    read_timeout_env = "GATEWAY_RESPONSE_READ_TIMEOUT"
+        help="Seconds a launcher connection may take to deliver its whole payload.",
+    ).tag(env="GATEWAY_RESPONSE_READ_TIMEOUT")
 
     _instance: ResponseListener | None = None
 

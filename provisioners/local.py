@@ -38,9 +38,8 @@ class PortRangeLocalProvisioner(LocalProvisioner, EnvConfigurable):  # type: ign
         "",
         config=True,
         help="Ports the kernel may listen on, 'low..high' inclusive; empty draws them from the 10,000 ports "
-        "below the OS's ephemeral range (env: GATEWAY_PORT_RANGE).",
-    )
-    port_range_env = "GATEWAY_PORT_RANGE"
+        "below the OS's ephemeral range.",
+    ).tag(env="GATEWAY_PORT_RANGE")
 
     _held_ports: tuple[int, ...] = ()
     _output_task: asyncio.Task | None = None

@@ -71,38 +71,31 @@ class RemoteProvisioner(KernelProvisionerBase, EnvConfigurable):  # type: ignore
     port_range = PortRangeOption(
         "",
         config=True,
-        help="Ports the remote kernel and its launcher may listen on, 'low..high'; empty means any "
-        "(env: GATEWAY_PORT_RANGE).",
-    )
-    port_range_env = "GATEWAY_PORT_RANGE"
+        help="Ports the remote kernel and its launcher may listen on, 'low..high'; empty means any.",
+    ).tag(env="GATEWAY_PORT_RANGE")
     launch_timeout = Float(
         60.0,
         config=True,
         help="Seconds to wait for the launcher's connection info; a client's KERNEL_LAUNCH_TIMEOUT, already "
-        "capped by the gateway, overrides it (env: GATEWAY_KERNEL_LAUNCH_TIMEOUT).",
-    )
-    launch_timeout_env = "GATEWAY_KERNEL_LAUNCH_TIMEOUT"
+        "capped by the gateway, overrides it.",
+    ).tag(env="GATEWAY_KERNEL_LAUNCH_TIMEOUT")
     response_host = Unicode(
         "",
         config=True,
         help="Host name or address launchers use to reach the response listener; empty lets the backend pick "
-        "the local address of its connection to the kernel's host (env: GATEWAY_RESPONSE_HOST).",
-    )
-    response_host_env = "GATEWAY_RESPONSE_HOST"
+        "the local address of its connection to the kernel's host.",
+    ).tag(env="GATEWAY_RESPONSE_HOST")
     forward_envs = List(
         Unicode(),
         config=True,
         help="Variables of the kernel's environment sent to the remote kernel besides KERNEL_* and the kernelspec's "
-        "env; empty sends only those. Our gateway fills it from GatewayPolicy.client_envs and inherited_envs "
-        "(env: GATEWAY_FORWARD_ENVS, comma-separated).",
-    )
-    forward_envs_env = "GATEWAY_FORWARD_ENVS"
+        "env; empty sends only those. Our gateway fills it from GatewayPolicy.client_envs and inherited_envs.",
+    ).tag(env="GATEWAY_FORWARD_ENVS")
     kernel_class_name = Unicode(
         "ipykernel.ipkernel.IPythonKernel",
         config=True,
-        help="Kernel class the Python launcher runs (env: GATEWAY_KERNEL_CLASS_NAME).",
-    )
-    kernel_class_name_env = "GATEWAY_KERNEL_CLASS_NAME"
+        help="Kernel class the Python launcher runs.",
+    ).tag(env="GATEWAY_KERNEL_CLASS_NAME")
 
     launch_info: LaunchInfo | None = None
     launch_values: dict[str, str] = {}  # the placeholder values of the current launch

@@ -64,59 +64,48 @@ class SSHProvisioner(RemoteProvisioner):
     remote_hosts = List(
         Unicode(),
         config=True,
-        help="Hosts kernels may run on; a client may pick one with KERNEL_REMOTE_HOST only from this list "
-        "(env: GATEWAY_SSH_HOSTS, comma-separated).",
-    )
-    remote_hosts_env = "GATEWAY_SSH_HOSTS"
+        help="Hosts kernels may run on; a client may pick one with KERNEL_REMOTE_HOST only from this list.",
+    ).tag(env="GATEWAY_SSH_HOSTS")
     load_balancing = CaselessStrEnum(
         ["round-robin", "least-connection"],
         "round-robin",
         config=True,
         help="How a host is chosen: 'round-robin' cycles through the list; 'least-connection' takes the host "
-        "running the fewest kernels, counting starts in flight (env: GATEWAY_SSH_LOAD_BALANCING).",
-    )
-    load_balancing_env = "GATEWAY_SSH_LOAD_BALANCING"
+        "running the fewest kernels, counting starts in flight.",
+    ).tag(env="GATEWAY_SSH_LOAD_BALANCING")
     remote_user = Unicode(
         "",
         config=True,
-        help="User to log in as; empty means the gateway's own user (env: GATEWAY_SSH_USER).",
-    )
-    remote_user_env = "GATEWAY_SSH_USER"
-    ssh_port = Integer(22, config=True, help="SSH port of every host (env: GATEWAY_SSH_PORT).")
-    ssh_port_env = "GATEWAY_SSH_PORT"
+        help="User to log in as; empty means the gateway's own user.",
+    ).tag(env="GATEWAY_SSH_USER")
+    ssh_port = Integer(22, config=True, help="SSH port of every host.").tag(env="GATEWAY_SSH_PORT")
     key_filename = Unicode(
         "",
         config=True,
-        help="Private key file for SSH; empty uses the SSH agent and ~/.ssh keys (env: GATEWAY_SSH_KEY_FILE).",
-    )
-    key_filename_env = "GATEWAY_SSH_KEY_FILE"
+        help="Private key file for SSH; empty uses the SSH agent and ~/.ssh keys.",
+    ).tag(env="GATEWAY_SSH_KEY_FILE")
     known_hosts_file = Unicode(
         "",
         config=True,
-        help="known_hosts file with the hosts' keys, read besides ~/.ssh/known_hosts (env: GATEWAY_SSH_KNOWN_HOSTS).",
-    )
-    known_hosts_file_env = "GATEWAY_SSH_KNOWN_HOSTS"
+        help="known_hosts file with the hosts' keys, read besides ~/.ssh/known_hosts.",
+    ).tag(env="GATEWAY_SSH_KNOWN_HOSTS")
     accept_unknown_hosts = Bool(
         False,
         config=True,
         help="Connect to hosts whose key is not in known_hosts (trust on first use). Off: unknown hosts are "
-        "refused (env: GATEWAY_SSH_ACCEPT_UNKNOWN_HOSTS).",
-    )
-    accept_unknown_hosts_env = "GATEWAY_SSH_ACCEPT_UNKNOWN_HOSTS"
+        "refused.",
+    ).tag(env="GATEWAY_SSH_ACCEPT_UNKNOWN_HOSTS")
     impersonate = Bool(
         False,
         config=True,
-        help="Run each kernel as its KERNEL_USERNAME with 'sudo -n -u' on the host (env: GATEWAY_SSH_IMPERSONATE).",
-    )
-    impersonate_env = "GATEWAY_SSH_IMPERSONATE"
+        help="Run each kernel as its KERNEL_USERNAME with 'sudo -n -u' on the host.",
+    ).tag(env="GATEWAY_SSH_IMPERSONATE")
     remote_log_dir = Unicode(
         "/tmp",
         config=True,
-        help="Directory on each host for kernel-<id>.log, kept for diagnosis (env: GATEWAY_SSH_LOG_DIR).",
-    )
-    remote_log_dir_env = "GATEWAY_SSH_LOG_DIR"
-    connect_timeout = Float(15.0, config=True, help="Seconds to establish an SSH connection (env: GATEWAY_SSH_CONNECT_TIMEOUT).")
-    connect_timeout_env = "GATEWAY_SSH_CONNECT_TIMEOUT"
+        help="Directory on each host for kernel-<id>.log, kept for diagnosis.",
+    ).tag(env="GATEWAY_SSH_LOG_DIR")
+    connect_timeout = Float(15.0, config=True, help="Seconds to establish an SSH connection.").tag(env="GATEWAY_SSH_CONNECT_TIMEOUT")
 
     host: str | None = None
     _channel: paramiko.Channel | None = None

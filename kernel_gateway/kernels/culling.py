@@ -24,28 +24,23 @@ class KernelCuller(EnvConfigurable):
     cull_idle_timeout = Integer(
         0,
         config=True,
-        help="Seconds without activity after which a kernel is shut down; 0 or less disables culling "
-        "(env: GATEWAY_CULL_IDLE_TIMEOUT).",
-    )
-    cull_idle_timeout_env = "GATEWAY_CULL_IDLE_TIMEOUT"
+        help="Seconds without activity after which a kernel is shut down; 0 or less disables culling.",
+    ).tag(env="GATEWAY_CULL_IDLE_TIMEOUT")
     cull_interval = Integer(
         300,
         config=True,
-        help="Seconds between culling passes (env: GATEWAY_CULL_INTERVAL).",
-    )
-    cull_interval_env = "GATEWAY_CULL_INTERVAL"
+        help="Seconds between culling passes.",
+    ).tag(env="GATEWAY_CULL_INTERVAL")
     cull_connected = Bool(
         False,
         config=True,
-        help="Also cull idle kernels that have a client connected (env: GATEWAY_CULL_CONNECTED).",
-    )
-    cull_connected_env = "GATEWAY_CULL_CONNECTED"
+        help="Also cull idle kernels that have a client connected.",
+    ).tag(env="GATEWAY_CULL_CONNECTED")
     cull_busy = Bool(
         False,
         config=True,
-        help="Also cull kernels that have been busy for longer than the idle timeout (env: GATEWAY_CULL_BUSY).",
-    )
-    cull_busy_env = "GATEWAY_CULL_BUSY"
+        help="Also cull kernels that have been busy for longer than the idle timeout.",
+    ).tag(env="GATEWAY_CULL_BUSY")
 
     registry = Instance(KernelRegistry)
 

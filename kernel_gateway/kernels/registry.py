@@ -117,29 +117,24 @@ class KernelRegistry(EnvConfigurable):
     default_kernel_name = Unicode(
         "python3",
         config=True,
-        help="Kernelspec started when a request names none (env: GATEWAY_DEFAULT_KERNEL_NAME).",
-    )
-    default_kernel_name_env = "GATEWAY_DEFAULT_KERNEL_NAME"
+        help="Kernelspec started when a request names none.",
+    ).tag(env="GATEWAY_DEFAULT_KERNEL_NAME")
     buffer_max_messages = Integer(
         100_000,
         config=True,
         help="Messages kept per session while its client is disconnected; beyond it the oldest are dropped "
-        "and the client is told how many on reconnect (env: GATEWAY_BUFFER_MAX_MESSAGES).",
-    )
-    buffer_max_messages_env = "GATEWAY_BUFFER_MAX_MESSAGES"
+        "and the client is told how many on reconnect.",
+    ).tag(env="GATEWAY_BUFFER_MAX_MESSAGES")
     detached_session_timeout = Float(
         600.0,
         config=True,
-        help="Seconds a disconnected client session keeps buffering before it is discarded "
-        "(env: GATEWAY_DETACHED_SESSION_TIMEOUT).",
-    )
-    detached_session_timeout_env = "GATEWAY_DETACHED_SESSION_TIMEOUT"
+        help="Seconds a disconnected client session keeps buffering before it is discarded.",
+    ).tag(env="GATEWAY_DETACHED_SESSION_TIMEOUT")
     shutdown_timeout = Float(
         10.0,
         config=True,
-        help="Seconds a kernel gets to exit after shutdown_request before it is killed (env: GATEWAY_SHUTDOWN_TIMEOUT).",
-    )
-    shutdown_timeout_env = "GATEWAY_SHUTDOWN_TIMEOUT"
+        help="Seconds a kernel gets to exit after shutdown_request before it is killed.",
+    ).tag(env="GATEWAY_SHUTDOWN_TIMEOUT")
 
     policy = Instance(GatewayPolicy)
     kernel_spec_manager = Instance(KernelSpecManager)

@@ -6,6 +6,7 @@ import pytest
 
 from kernel_gateway.app import GatewayApp
 from kernel_gateway.config_reference import BEGIN, END, render, replace_section
+from provisioners.envconfig import env_name
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -19,7 +20,7 @@ def test_readme_reference_is_current():
 def test_every_option_names_its_environment_variable():
     for cls in GatewayApp.instance().classes:
         for name, trait in cls.class_own_traits(config=True).items():
-            env = getattr(cls, f"{name}_env", None)
+            env = env_name(trait)
             if name.endswith("_class"):  # a class, not a value: config file only
                 continue
             assert env and env.startswith("GATEWAY_"), f"{cls.__name__}.{name} has no GATEWAY_ variable"

@@ -8,12 +8,9 @@ from provisioners.envconfig import EnvConfigurable
 
 
 class Sample(EnvConfigurable):
-    number = Integer(7, config=True)
-    number_env = "GATEWAY_TEST_NUMBER"
-    names = List(Unicode(), ["root"], config=True)
-    names_env = "GATEWAY_TEST_NAMES"
-    port = Integer(1, config=True)
-    port_env = "GATEWAY_PORT"
+    number = Integer(7, config=True, help="A number.").tag(env="GATEWAY_TEST_NUMBER")
+    names = List(Unicode(), ["root"], config=True, help="Names.").tag(env="GATEWAY_TEST_NAMES")
+    port = Integer(1, config=True).tag(env="GATEWAY_PORT")
 
 
 def test_default_when_nothing_set(monkeypatch):
@@ -48,3 +45,8 @@ def test_bad_environment_value_names_the_variable(monkeypatch):
     monkeypatch.setenv("GATEWAY_TEST_NUMBER", "many")
     with pytest.raises(TraitError, match="GATEWAY_TEST_NUMBER='many'"):
         Sample().number
+
+
+def test_variable_named_once_shows_in_help():
+    assert Sample.class_traits()["number"].help == "A number. (env: GATEWAY_TEST_NUMBER)"
+    assert Sample.class_traits()["names"].help == "Names. (env: GATEWAY_TEST_NAMES, comma-separated)"
