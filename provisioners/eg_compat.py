@@ -4,7 +4,10 @@
 ``kernel_provisioner`` stanza of the provisioner that does the same job, renaming config keys,
 so an operator moves an EG deployment across without editing its kernelspecs. EG's launchers
 (``--RemoteProcessProxy.*`` argv) keep working: the remote provisioners hand them EG's key
-format, and the response listener accepts EG's payload while ``accept_enterprise_gateway`` is on.
+format, and while ``accept_enterprise_gateway`` is on the response listener accepts EG's tokenless
+payload, but only for a launch whose spec runs such a launcher
+(``RemoteProvisioner.runs_enterprise_gateway_launcher``): a translated spec that runs our launcher
+gets our key and must report with its launch token like any other.
 """
 
 from __future__ import annotations

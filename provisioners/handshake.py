@@ -1,12 +1,19 @@
 """The response listener: one asyncio TCP server receiving every remote kernel's connection info.
 
-Launchers connect once, send an envelope encrypted to this process's X25519 key (format in
-``launchers/python/launch_ipykernel.py`` and docs/operators/launcher-protocol.md) and close.
-The listener accepts a payload only if it decrypts, fits :data:`MAX_PAYLOAD`, names a pending
-kernel and carries that kernel's launch token; a kernel id is then no longer pending, so a
-replay is dropped too. Anything else is logged without secrets and dropped; other launches go
-on. With ``accept_enterprise_gateway`` on, Enterprise Gateway's version-1 payload (RSA + AES,
-no launch token) is accepted as well, so EG kernel images work unchanged.
+A launcher sends one framed envelope encrypted to this process's X25519 key (format in
+docs/operators/launcher-protocol.md and ``launchers/python/launch_ipykernel.py``) and waits for
+an acknowledgement. The listener accepts a payload only if it decrypts, fits :data:`MAX_PAYLOAD`,
+names a registered kernel and carries that kernel's launch token; it then answers ``KGA1`` + an
+HMAC of the message under a key only the two ends can derive, so a forged ack cannot stop a
+launcher from retrying. The same report again (a retry after a lost ack) is acked again and
+changes nothing; a replay after a restart fails the new launch token. With
+``accept_enterprise_gateway`` on, Enterprise Gateway's version-1 payload (RSA + AES, no launch
+token, no ack) is accepted too, but only for kernels registered as EG launches.
+
+Nobody who merely reaches the port can delay a genuine launcher: each connection has a few
+seconds for its whole payload, junk is dropped at its first bytes, each peer address (IPv6: /64)
+holds at most ``max_connections_per_peer`` connections and all peers ``max_connections``; a
+connection over a limit is closed at once. Drops are logged without contents, rate-limited.
 """
 
 from __future__ import annotations
@@ -14,21 +21,21 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
-import json
+import ipaddress
 import logging
+import resource
 import secrets
 import struct
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from traitlets import Bool, Float, Integer, Unicode
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from traitlets import Bool, Float, Integer, TraitError, Unicode, validate
 
+from ._payloads import MAGIC, MAX_PAYLOAD, LaunchInfo, Rejected, decode_eg, open_envelope, parse_envelope
 from .envconfig import EnvConfigurable
 from .errors import LaunchError, PortRangeError
 from .ports import PortAllocator, parse_port_range
@@ -37,33 +44,47 @@ __all__ = ["LaunchInfo", "ResponseListener"]
 
 log = logging.getLogger("provisioners.handshake")
 
-MAGIC = b"KGL1"
-HKDF_INFO = b"kernel-gateway launcher v1"
-MAX_PAYLOAD = 64 * 1024
-MAX_CONNECTIONS = 64
+BACKLOG = 1024  # a burst of junk connections must not fill the accept queue before the loop drains it
+DROP_LOG_INTERVAL = 10.0  # seconds between summaries of dropped connections
+_BASE64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\r\n"
 
 
 @dataclass
-class LaunchInfo:
-    """What a launcher reported: connection info for jupyter_client, and how to reach its control port."""
-
-    connection_info: dict[str, Any]
-    control_port: int | None = None
-    control_key: bytes | None = None
-    pid: int | None = None
-    pgid: int | None = None
-    hostname: str = ""
-    legacy: bool = False
-
-
-@dataclass
-class _Pending:
+class _Launch:
     token: str
+    enterprise_gateway: bool
     future: asyncio.Future = field(repr=False)
 
 
-class _Rejected(Exception):
-    """A payload that is dropped; the text says why (never what it contained)."""
+class _DropLog:
+    """Warnings about dropped connections: the first of each reason per interval in full, the rest as one count."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.logged: set[str] = set()
+        self.suppressed: Counter[str] = Counter()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def note(self, reason: str, peer: str, detail: str) -> None:
+        if reason in self.logged:
+            self.suppressed[reason] += 1
+            return
+        self.logged.add(reason)
+        log.warning("dropped a launcher connection from %s: %s", peer or "?", detail)
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.interval, self.flush)
+
+    def flush(self) -> None:
+        """Log the counts held back in this interval, and start a new one."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.suppressed:
+            counts = ", ".join(f"{n} {reason}" for reason, n in self.suppressed.most_common())
+            log.warning("response listener also dropped %d connections in the last %gs: %s",
+                        sum(self.suppressed.values()), self.interval, counts)
+        self.logged.clear()
+        self.suppressed.clear()
 
 
 class ResponseListener(EnvConfigurable):
@@ -88,26 +109,58 @@ class ResponseListener(EnvConfigurable):
     accept_enterprise_gateway = Bool(
         False,
         config=True,
-        help="Also accept Enterprise Gateway's version-1 launcher payload (RSA-2048 + AES, no launch token) so EG "
-        "kernel images work unchanged. Weaker than our format: enable only while migrating. The gateway's "
-        "--accept-enterprise-gateway flag sets this and CompatKernelSpecManager.accept_enterprise_gateway together.",
+        help="Also accept Enterprise Gateway's version-1 launcher payload (RSA-2048 + AES, no launch token) for "
+        "kernels whose kernelspec runs an EG launcher, so EG kernel images work unchanged. Weaker than our format: "
+        "enable only while migrating. The gateway's --accept-enterprise-gateway flag sets this and "
+        "CompatKernelSpecManager.accept_enterprise_gateway together.",
     ).tag(env="GATEWAY_ACCEPT_ENTERPRISE_GATEWAY")
     read_timeout = Float(
-        10.0,
+        5.0,
         config=True,
-        help="Seconds a launcher connection may take to deliver its whole payload.",
+        help="Seconds a launcher connection may take to deliver its whole payload (default 5); then it is closed "
+        "and the launcher retries. Must be above 0.",
     ).tag(env="GATEWAY_RESPONSE_READ_TIMEOUT")
+    max_connections_per_peer = Integer(
+        16,
+        config=True,
+        help="Connections one peer address (IPv6: one /64) may hold open on the response listener at once "
+        "(default 16); more are closed at once and their launchers retry. 0: no per-peer limit (e.g. when all "
+        "launchers reach the gateway through one NAT address).",
+    ).tag(env="GATEWAY_RESPONSE_MAX_CONNECTIONS_PER_PEER")
+    max_connections = Integer(
+        4096,
+        config=True,
+        help="Connections all peers together may hold open on the response listener (default 4096); more are "
+        "closed at once. Capped at half the process's open-file limit (ulimit -n). At least 1.",
+    ).tag(env="GATEWAY_RESPONSE_MAX_CONNECTIONS")
 
     _instance: ResponseListener | None = None
 
+    @validate("read_timeout")
+    def _positive_timeout(self, proposal: dict[str, Any]) -> float:
+        if not proposal["value"] > 0:
+            raise TraitError(f"read_timeout must be above 0 seconds, not {proposal['value']}")
+        return proposal["value"]
+
+    @validate("max_connections_per_peer", "max_connections")
+    def _connection_limit(self, proposal: dict[str, Any]) -> int:
+        name, value = proposal["trait"].name, proposal["value"]
+        minimum = 0 if name == "max_connections_per_peer" else 1  # a total bound must exist; 0 per peer: none
+        if value < minimum:
+            raise TraitError(f"{name} must be at least {minimum}, not {value}")
+        return value
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._pending: dict[str, _Pending] = {}
+        self._launches: dict[str, _Launch] = {}
         self._server: asyncio.base_events.Server | None = None
         self._private: X25519PrivateKey | None = None
         self._rsa: rsa.RSAPrivateKey | None = None
-        self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
         self._start_lock = asyncio.Lock()
+        self._drops = _DropLog(DROP_LOG_INTERVAL)
+        self._serving: dict[asyncio.Task, asyncio.StreamWriter] = {}
+        self._open_per_peer: Counter[str] = Counter()
+        self._open_limit = 0
         self.port = 0
 
     @classmethod
@@ -118,28 +171,34 @@ class ResponseListener(EnvConfigurable):
         return cls._instance
 
     async def start(self) -> None:
-        """Generate keys and bind the server; idempotent. Called by the first remote launch, or by the app."""
+        """Generate keys (once) and bind the server; idempotent. Called by the first remote launch, or by the app."""
         async with self._start_lock:
             if self._server is not None:
                 return
-            self._private = X25519PrivateKey.generate()
-            if self.accept_enterprise_gateway:
+            if self._private is None:  # kept across stop/start: launchers already hold the public key
+                self._private = X25519PrivateKey.generate()
+            if self.accept_enterprise_gateway and self._rsa is None:
                 self._rsa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+            # the listener never takes more than half the descriptors: the kernels' sockets need the rest
+            self._open_limit = self.max_connections if soft == resource.RLIM_INFINITY else \
+                max(1, min(self.max_connections, soft // 2))
             self._server = await self._bind()
             self.port = self._server.sockets[0].getsockname()[1]
-            log.info("response listener on %s:%d", self.response_ip, self.port)
+            log.info("response listener on %s:%d (at most %d connections, %s per peer)", self.response_ip,
+                     self.port, self._open_limit, self.max_connections_per_peer or "no limit")
 
     async def _bind(self) -> asyncio.base_events.Server:
         if self.response_port:
-            return await asyncio.start_server(self._serve, self.response_ip, self.response_port)
+            return await asyncio.start_server(self._serve, self.response_ip, self.response_port, backlog=BACKLOG)
         port_range = parse_port_range(self.response_port_range, minimum_size=1)
         if port_range is None:
-            return await asyncio.start_server(self._serve, self.response_ip, 0)
+            return await asyncio.start_server(self._serve, self.response_ip, 0, backlog=BACKLOG)
         for port in range(port_range.low, port_range.high + 1):
             if port in PortAllocator.instance().reserved:
                 continue
             try:
-                server = await asyncio.start_server(self._serve, self.response_ip, port)
+                server = await asyncio.start_server(self._serve, self.response_ip, port, backlog=BACKLOG)
             except OSError:
                 continue
             PortAllocator.instance().reserve(port)
@@ -147,10 +206,15 @@ class ResponseListener(EnvConfigurable):
         raise PortRangeError(f"no free port for the response listener in {port_range}")
 
     async def stop(self) -> None:
+        """Stop listening and end the connections being served. Called by the app at shutdown."""
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
+        for writer in self._serving.values():
+            writer.transport.abort()  # their handlers then end as on a dropped connection
+        await asyncio.gather(*self._serving, return_exceptions=True)
+        self._drops.flush()
 
     @property
     def public_key(self) -> str:
@@ -167,126 +231,142 @@ class ResponseListener(EnvConfigurable):
         der = self._rsa.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
         return base64.b64encode(der).decode()
 
-    def register(self, kernel_id: str) -> str:
-        """Expect a launcher for ``kernel_id``; return its one-time launch token."""
+    def register(self, kernel_id: str, *, enterprise_gateway: bool = False) -> str:
+        """Expect a launcher for ``kernel_id``; return its one-time launch token.
+
+        ``enterprise_gateway``: the launch runs an Enterprise Gateway launcher, so EG's tokenless payload
+        may complete it; otherwise only our format with the token does. A new registration (a restart)
+        replaces the previous one. Called by ``RemoteProvisioner.pre_launch``; ``unregister`` ends it.
+        """
+        self.unregister(kernel_id)
         token = secrets.token_urlsafe(32)
-        self._pending[kernel_id] = _Pending(token, asyncio.get_running_loop().create_future())
+        self._launches[kernel_id] = _Launch(token, enterprise_gateway, asyncio.get_running_loop().create_future())
         return token
 
     def unregister(self, kernel_id: str) -> None:
-        pending = self._pending.pop(kernel_id, None)
-        if pending is not None and not pending.future.done():
-            pending.future.cancel()
+        launch = self._launches.pop(kernel_id, None)
+        if launch is not None and not launch.future.done():
+            launch.future.cancel()
 
     async def wait(self, kernel_id: str) -> LaunchInfo:
         """The launcher's report for ``kernel_id``; the caller bounds the wait."""
-        return await asyncio.shield(self._pending[kernel_id].future)
+        return await asyncio.shield(self._launches[kernel_id].future)
 
     # -- the server ------------------------------------------------------------------------------
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
-        if self._slots.locked():
-            log.warning("response listener busy: dropped a connection from %s", peer)
+        address = str(peer[0]) if peer else ""
+        bucket = _peer_bucket(address)
+        if len(self._serving) >= self._open_limit:
+            self._drops.note("over the total connection limit", address, f"{self._open_limit} connections open")
             writer.close()
             return
-        async with self._slots:
-            try:
-                data = await asyncio.wait_for(self._read_payload(reader), self.read_timeout)
-                self._accept(data, peer[0] if peer else "")
-            except asyncio.TimeoutError:
-                log.warning("dropped a launcher connection from %s: no complete payload within %gs", peer, self.read_timeout)
-            except _Rejected as exc:
-                log.warning("dropped a launcher payload from %s: %s", peer, exc)
-            except (ConnectionError, OSError) as exc:
-                log.warning("launcher connection from %s failed: %s", peer, exc)
-            finally:
-                writer.close()
+        if self.max_connections_per_peer and self._open_per_peer[bucket] >= self.max_connections_per_peer:
+            self._drops.note("over the per-peer limit", address,
+                             f"it already holds {self.max_connections_per_peer} connections")
+            writer.close()
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._serving[task] = writer
+        self._open_per_peer[bucket] += 1
+        try:
+            message = await asyncio.wait_for(self._read_message(reader), self.read_timeout)
+            ack = self._accept(message, address)
+            if ack:
+                writer.write(ack)
+                try:
+                    await writer.drain()
+                except ConnectionError:
+                    pass  # the launcher already closed (an older one that reads no ack): the launch stands
+        except asyncio.TimeoutError:
+            self._drops.note("over the deadline", address, f"no complete payload within {self.read_timeout:g}s")
+        except Rejected as exc:
+            self._drops.note(exc.reason, address, str(exc))
+        except OSError as exc:
+            self._drops.note("connection error", address, f"connection failed: {exc}")
+        finally:
+            del self._serving[task]
+            self._open_per_peer[bucket] -= 1
+            if not self._open_per_peer[bucket]:
+                del self._open_per_peer[bucket]
+            writer.close()
 
-    @staticmethod
-    async def _read_payload(reader: asyncio.StreamReader) -> bytes:
-        """Everything the launcher sends until it closes, or a byte more than the limit."""
+    async def _read_message(self, reader: asyncio.StreamReader) -> bytes:
+        """Our framed message (read to its length; the launcher then waits for the ack) or EG's (read to EOF).
+
+        Anything that is neither is refused as soon as its first bytes show it.
+        """
         data = b""
-        while len(data) <= MAX_PAYLOAD:
-            more = await reader.read(MAX_PAYLOAD + 1 - len(data))
-            if not more:
-                break
-            data += more
-        return data
+        while True:
+            chunk = await reader.read(MAX_PAYLOAD + 1 - len(data))
+            data += chunk
+            if MAGIC.startswith(data[:4]):
+                if len(data) >= 8:
+                    (length,) = struct.unpack(">I", data[4:8])
+                    if not 0 < length <= MAX_PAYLOAD - 8:
+                        raise Rejected("malformed", f"declared length {length} is 0 or over {MAX_PAYLOAD} bytes")
+                    if len(data) < 8 + length:
+                        try:
+                            data += await reader.readexactly(8 + length - len(data))
+                        except asyncio.IncompleteReadError:
+                            raise Rejected("truncated", "the connection closed before the whole payload") from None
+                    return data[:8 + length]
+            elif not (self.accept_enterprise_gateway and _could_be_eg(data)):
+                raise Rejected("not a payload", "not a launcher payload (neither our magic nor base64)")
+            elif len(data) > MAX_PAYLOAD:
+                raise Rejected("malformed", f"payload over {MAX_PAYLOAD} bytes")
+            elif not chunk:
+                return data  # Enterprise Gateway's launcher sends base64 and closes
+            if not chunk:
+                raise Rejected("truncated", "the connection closed before the whole payload")
 
-    def _accept(self, data: bytes, peer: str = "") -> None:
-        if len(data) > MAX_PAYLOAD:
-            raise _Rejected(f"payload over {MAX_PAYLOAD} bytes")
-        if data.startswith(MAGIC):
-            kernel_id, info, token = self._decode_v1(data)
-        elif self.accept_enterprise_gateway:
-            kernel_id, info, token = self._decode_eg(data)
-            if info.connection_info.get("ip") in (None, "", "0.0.0.0", "::"):
-                info.connection_info["ip"] = peer  # EG launchers report the unspecified address
+    def _accept(self, message: bytes, peer: str = "") -> bytes | None:
+        """Complete the launch ``message`` reports; return the ack to send (None for EG's format)."""
+        if message.startswith(MAGIC):
+            envelope = parse_envelope(message)
+            kernel_id = envelope.kernel_id
+            launch = self._launches.get(kernel_id)
+            if launch is None:  # checked before any decryption
+                raise Rejected("unknown kernel", "no launch pending for the kernel it names")
+            assert self._private is not None
+            info, token, ack = open_envelope(envelope, self._private)
+            if not hmac.compare_digest(token.encode(), launch.token.encode()):
+                raise Rejected("wrong launch token", f"wrong launch token for kernel {kernel_id}")
         else:
-            raise _Rejected("not a version-1 launcher payload")
-        pending = self._pending.get(kernel_id)
-        if pending is None or pending.future.done():
-            raise _Rejected(f"no launch pending for kernel {kernel_id}")
-        if token is not None and not hmac.compare_digest(token.encode(), pending.token.encode()):
-            raise _Rejected(f"wrong launch token for kernel {kernel_id}")
-        del self._pending[kernel_id]
-        pending.future.set_result(info)
+            assert self._rsa is not None
+            kernel_id, info = decode_eg(message, self._rsa, peer)
+            launch = self._launches.get(kernel_id)
+            if launch is None:
+                raise Rejected("unknown kernel", "no launch pending for the kernel it names")
+            if not launch.enterprise_gateway:
+                raise Rejected("not an EG launch",
+                               f"an Enterprise Gateway payload for kernel {kernel_id}, which was launched for ours")
+            ack = None
+        if launch.future.done():
+            if ack is None:
+                raise Rejected("replayed", f"kernel {kernel_id} has already reported")
+            log.info("acknowledged a repeated report (an earlier ack was lost)", extra={"kernel_id": kernel_id})
+            return ack
+        launch.future.set_result(info)
         log.info("connection info received from %s", info.hostname or info.connection_info.get("ip"),
                  extra={"kernel_id": kernel_id})
-
-    def _decode_v1(self, data: bytes) -> tuple[str, LaunchInfo, str]:
-        if len(data) < 8:
-            raise _Rejected("truncated payload")
-        (length,) = struct.unpack(">I", data[4:8])
-        if length != len(data) - 8:
-            raise _Rejected("payload length does not match its header")
-        try:
-            envelope = json.loads(data[8:])
-            kernel_id = str(envelope["kernel_id"])
-            peer_key = X25519PublicKey.from_public_bytes(base64.b64decode(envelope["ephemeral_public_key"]))
-            nonce = base64.b64decode(envelope["nonce"])
-            ciphertext = base64.b64decode(envelope["ciphertext"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise _Rejected(f"malformed envelope ({type(exc).__name__})") from None
-        if kernel_id not in self._pending:
-            raise _Rejected(f"no launch pending for kernel {kernel_id}")
-        assert self._private is not None
-        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=HKDF_INFO).derive(self._private.exchange(peer_key))
-        try:
-            plain = json.loads(AESGCM(key).decrypt(nonce, ciphertext, kernel_id.encode()))
-        except Exception:  # cryptography raises InvalidTag, ValueError for bad nonces: both mean "not for us"
-            raise _Rejected(f"payload for kernel {kernel_id} does not decrypt with our key") from None
-        if plain.get("version") != 1 or plain.get("kernel_id") != kernel_id:
-            raise _Rejected(f"payload for kernel {kernel_id} has the wrong version or kernel id")
-        info = _launch_info(plain, plain.get("connection_info") or {}, plain.get("control_port"))
-        return kernel_id, info, str(plain.get("launch_token", ""))
-
-    def _decode_eg(self, data: bytes) -> tuple[str, LaunchInfo, None]:
-        assert self._rsa is not None
-        try:
-            envelope = json.loads(base64.b64decode(data))
-            aes_key = self._rsa.decrypt(base64.b64decode(envelope["key"]), padding.PKCS1v15())
-            decryptor = Cipher(algorithms.AES(aes_key), modes.ECB()).decryptor()  # noqa: S305 - EG's format
-            padded = decryptor.update(base64.b64decode(envelope["conn_info"])) + decryptor.finalize()
-            plain = json.loads(padded[: -padded[-1]])
-        except Exception:  # any failure to parse or decrypt: not a payload for us
-            raise _Rejected("not a decryptable Enterprise Gateway payload") from None
-        kernel_id = str(plain.get("kernel_id", ""))
-        keys = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port", "ip", "key", "transport",
-                "signature_scheme", "kernel_name")
-        # EG's "control_port" is the kernel's ZMQ control channel; its launcher listens on "comm_port"
-        info = _launch_info(plain, {k: plain[k] for k in keys if k in plain}, plain.get("comm_port"))
-        info.legacy = True
-        return kernel_id, info, None
+        return ack
 
 
-def _launch_info(plain: dict[str, Any], connection: dict[str, Any], control_port: Any) -> LaunchInfo:
-    control_key = plain.get("control_key")
-    return LaunchInfo(
-        connection_info=connection,
-        control_port=int(control_port) if str(control_port or "").isdigit() else None,
-        control_key=base64.b64decode(control_key) if control_key else None,
-        pid=int(plain["pid"]) if str(plain.get("pid", "")).isdigit() else None,
-        pgid=int(plain["pgid"]) if str(plain.get("pgid", "")).isdigit() else None,
-        hostname=str(plain.get("hostname", "")),
-    )
+def _could_be_eg(data: bytes) -> bool:
+    """Whether ``data`` can start an EG payload: base64 of a JSON object, so its first character is 'e'."""
+    return data.startswith(b"e") and not data.translate(None, _BASE64)
+
+
+def _peer_bucket(address: str) -> str:
+    """Addresses that count as one peer: an IPv4 address, or an IPv6 /64 (one host may own a whole /64)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)

@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import math
 import secrets
 import signal
 import time
@@ -31,34 +32,50 @@ __all__ = ["RemoteProvisioner", "control_request"]
 
 
 
+_MAX_REPLY = 4096  # bytes of a launcher's one-line reply
+
+
 async def control_request(host: str, port: int, key: bytes, request: dict[str, Any], timeout: float = 5.0) -> None:
-    """Send one authenticated request to a launcher's control port; raise :class:`BackendError` on failure."""
+    """Send one authenticated request to a launcher's control port; raise :class:`BackendError` on failure.
+
+    ``timeout`` bounds the whole exchange (connect, send, reply), not each step.
+    """
     nonce, stamp = secrets.token_hex(16), int(time.time())
     body = f"{nonce}{stamp}".encode() + json.dumps(request, sort_keys=True, separators=(",", ":")).encode()
     message = {"request": request, "nonce": nonce, "time": stamp, "mac": hmac.new(key, body, hashlib.sha256).hexdigest()}
+    where = f"launcher control port {host}:{port}"
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-        try:
-            writer.write(json.dumps(message).encode() + b"\n")
-            await writer.drain()
-            reply = json.loads(await asyncio.wait_for(reader.readline(), timeout) or b"{}")
-        finally:
-            writer.close()
-    except (OSError, asyncio.TimeoutError, ValueError) as exc:
-        raise BackendError(f"launcher control port {host}:{port} did not answer: {exc or type(exc).__name__}") from exc
-    if not reply.get("ok"):
-        raise BackendError(f"launcher refused the request: {reply.get('error', 'no reason given')}")
+        line = await asyncio.wait_for(_exchange(host, port, json.dumps(message).encode() + b"\n", True), timeout)
+        reply = json.loads(line or b"{}")
+    except asyncio.TimeoutError as exc:  # before OSError: TimeoutError is one since Python 3.11
+        raise BackendError(f"{where} did not answer within {timeout:g}s") from exc
+    except (OSError, ValueError) as exc:
+        raise BackendError(f"{where} did not answer: {exc or type(exc).__name__}") from exc
+    if not isinstance(reply, dict) or not reply.get("ok"):
+        error = reply.get("error") if isinstance(reply, dict) else None
+        raise BackendError(f"launcher refused the request: {error or 'no reason given'}")
 
 
 async def _legacy_control_request(host: str, port: int, request: dict[str, Any], timeout: float = 5.0) -> None:
     """Enterprise Gateway's comm-port protocol: one JSON object, no reply, no authentication."""
+    where = f"Enterprise Gateway launcher comm port {host}:{port}"
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-        writer.write(json.dumps(request).encode())
+        await asyncio.wait_for(_exchange(host, port, json.dumps(request).encode(), False), timeout)
+    except asyncio.TimeoutError as exc:
+        raise BackendError(f"{where} did not answer within {timeout:g}s") from exc
+    except OSError as exc:
+        raise BackendError(f"{where} did not answer: {exc}") from exc
+
+
+async def _exchange(host: str, port: int, data: bytes, reply: bool) -> bytes:
+    """Connect, send ``data``, read one reply line if ``reply``; the caller bounds the time."""
+    reader, writer = await asyncio.open_connection(host, port, limit=_MAX_REPLY)
+    try:
+        writer.write(data)
         await writer.drain()
+        return await reader.readline() if reply else b""
+    finally:
         writer.close()
-    except (OSError, asyncio.TimeoutError) as exc:
-        raise BackendError(f"Enterprise Gateway launcher comm port {host}:{port} did not answer: {exc}") from exc
 
 
 class RemoteProvisioner(KernelProvisionerBase, EnvConfigurable):  # type: ignore[misc]
@@ -100,6 +117,8 @@ class RemoteProvisioner(KernelProvisionerBase, EnvConfigurable):  # type: ignore
     launch_info: LaunchInfo | None = None
     launch_values: dict[str, str] = {}  # the placeholder values of the current launch
     _token: str | None = None
+    _stop_requested = False  # the gateway asked this launch to end (shutdown, kill, terminate)
+    _exit_logged: LaunchInfo | None = None  # the launch whose end poll() has logged
 
     @property
     def listener(self) -> ResponseListener:
@@ -141,12 +160,14 @@ class RemoteProvisioner(KernelProvisionerBase, EnvConfigurable):  # type: ignore
         """
         await self.listener.start()
         self.launch_info = None
-        self._token = self.listener.register(self.kernel_id)
+        public_key = self.public_key_for_argv()  # before registering: fails when EG launchers are not accepted
+        # only a launch that runs an EG launcher (handed the RSA key) may be completed by EG's tokenless payload
+        self._token = self.listener.register(self.kernel_id, enterprise_gateway=self.runs_enterprise_gateway_launcher)
         host = await self.advertised_host()
         values = {
             "kernel_id": self.kernel_id,
             "response_address": f"{host}:{self.listener.port}",
-            "public_key": self.public_key_for_argv(),
+            "public_key": public_key,
             "port_range": self.port_range or "0..0",
             "kernel_class_name": self.kernel_class_name,
         }
@@ -155,11 +176,14 @@ class RemoteProvisioner(KernelProvisionerBase, EnvConfigurable):  # type: ignore
         kwargs.pop("extra_arguments", None)
         return await super().pre_launch(cmd=cmd, **kwargs)
 
+    @property
+    def runs_enterprise_gateway_launcher(self) -> bool:
+        """Whether the spec's argv runs an Enterprise Gateway launcher (its ``--RemoteProcessProxy.*`` options)."""
+        return any("RemoteProcessProxy" in arg for arg in self.kernel_spec.argv)
+
     def public_key_for_argv(self) -> str:
         """``{public_key}``: ours, or the RSA key when the spec runs an Enterprise Gateway launcher."""
-        if any("RemoteProcessProxy" in arg for arg in self.kernel_spec.argv):
-            return self.listener.eg_public_key
-        return self.listener.public_key
+        return self.listener.eg_public_key if self.runs_enterprise_gateway_launcher else self.listener.public_key
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> dict[str, Any]:
         """Start the launcher and wait for its connection info; kill everything if that fails."""
@@ -207,8 +231,25 @@ class RemoteProvisioner(KernelProvisionerBase, EnvConfigurable):  # type: ignore
             handshake.cancel()
 
     async def poll(self) -> int | None:
-        """None while the launcher runs, else its exit status (from the backend's shared watcher)."""
-        return self.launcher_exit_status()
+        """None while the launcher runs, else its exit status (from the backend's shared watcher).
+
+        The first time it finds a running kernel's launcher ended, logs the status; unless the gateway
+        asked the kernel to stop, as a warning with the backend's diagnostics (the launcher's last words).
+        """
+        status = self.launcher_exit_status()
+        if status is not None and self.launch_info is not None and self._exit_logged is not self.launch_info:
+            self._exit_logged = self.launch_info
+            if self._stop_requested:
+                self.log.info("kernel %s: the launcher exited with status %s", self.kernel_id, status)
+            else:
+                detail = await self.launch_diagnostics()
+                self.log.warning("kernel %s: the launcher exited with status %s%s", self.kernel_id, status,
+                                 f"; {detail}" if detail else "")
+        return status
+
+    async def shutdown_requested(self, restart: bool = False) -> None:
+        """Called by ``KernelManager.request_shutdown``: the launcher's exit is expected from now on."""
+        self._stop_requested = True
 
     async def wait(self) -> int | None:
         while (status := self.launcher_exit_status()) is None:
@@ -226,9 +267,11 @@ class RemoteProvisioner(KernelProvisionerBase, EnvConfigurable):  # type: ignore
             await control_request(self.connection_info["ip"], info.control_port, info.control_key, {"signum": int(signum)})
 
     async def kill(self, restart: bool = False) -> None:
+        self._stop_requested = True
         await self.kill_launcher()
 
     async def terminate(self, restart: bool = False) -> None:
+        self._stop_requested = True
         try:
             await self.send_signal(signal.SIGTERM)
         except BackendError:
@@ -238,6 +281,7 @@ class RemoteProvisioner(KernelProvisionerBase, EnvConfigurable):  # type: ignore
         self.listener.unregister(self.kernel_id)
         self.launch_info = None
         self._token = None
+        self._stop_requested = False
 
     async def get_provisioner_info(self) -> dict[str, Any]:
         info = await super().get_provisioner_info()
@@ -254,8 +298,9 @@ def _substitute(arg: str, values: dict[str, str]) -> str:
 
 
 def _timeout(client_value: str | None, default: float) -> float:
+    """The client's KERNEL_LAUNCH_TIMEOUT if it is a positive finite number of seconds, else ``default``."""
     try:
         value = float(client_value) if client_value else default
     except ValueError:
         return default
-    return value if value > 0 else default
+    return value if math.isfinite(value) and value > 0 else default

@@ -6,19 +6,36 @@ in this process, and sends the connection info to the gateway's response address
 gateway's X25519 public key with AES-GCM and carrying the per-kernel launch token. It then serves
 authenticated signal/shutdown requests on the control port until the kernel exits.
 
-Wire format (version 1), one TCP connection to the response address, closed after sending:
+Wire format (version 1): on a TCP connection to the response address the launcher sends
 
     b"KGL1" | u32 big-endian length | JSON envelope
     envelope  = {"kernel_id", "ephemeral_public_key": b64, "nonce": b64, "ciphertext": b64}
-    key       = HKDF-SHA256(X25519(ephemeral, gateway), info=b"kernel-gateway launcher v1")
+    shared    = X25519(ephemeral, gateway)
+    key       = HKDF-SHA256(shared, info=b"kernel-gateway launcher v1")
     plaintext = AES-256-GCM(key, nonce, aad=kernel_id) of JSON
                 {"version": 1, "kernel_id", "launch_token", "connection_info": {...},
                  "control_port", "control_key": b64, "pid", "pgid", "hostname"}
+
+and reads the gateway's acknowledgement, sent only once the payload decrypted and its token matched:
+
+    b"KGA1" | HMAC-SHA256(HKDF-SHA256(shared, info=b"kernel-gateway launcher v1 ack"), message)
+
+Without a valid ack (refused, dropped, closed, wrong ack) it tries again on a new connection, waiting
+0.1 s doubling to 2 s with jitter, until ``--connect-timeout`` passes; then it exits with status 3.
 
 Control requests (version 1), one JSON line per TCP connection, answered with one JSON line:
 
     {"request": {"signum": N} | {"shutdown": true}, "nonce": hex, "time": unix seconds,
      "mac": hex HMAC-SHA256(control_key, nonce + time + canonical JSON of request)}
+
+Each control connection has its own thread and 5 s from accept to deliver its line (64 KiB at most);
+at most 32 are served at once and a further one is closed at once, so slow clients cannot hold up
+the gateway's requests. A signal is sent after its reply.
+
+The launch token comes on stdin (``--launch-token-stdin``) or in ``KERNEL_LAUNCH_TOKEN``; in the
+latter case the launcher re-executes itself (same pid) without the variable and with the token on
+stdin, so it is in no /proc/<pid>/environ. The launcher's own messages go to a copy of its original
+stderr (the backend's log), which ipykernel's capture of fds 1 and 2 does not reach.
 
 With ``--connection-file`` it is instead a local kernel runner: the gateway wrote the file with
 ports from its range, and the launcher only keeps the ports ipykernel picks for itself (the iopub
@@ -42,14 +59,66 @@ import struct
 import sys
 import threading
 import time
+import traceback
 
 MAGIC = b"KGL1"
 HKDF_INFO = b"kernel-gateway launcher v1"
+ACK_MAGIC = b"KGA1"
+ACK_INFO = b"kernel-gateway launcher v1 ack"
+RETRY_FIRST, RETRY_MAX = 0.1, 2.0  # seconds between report attempts: doubling from the first to the max, jittered
+ATTEMPT_TIMEOUT = 10.0  # seconds one report attempt may take (connect, send, ack)
 CONTROL_SKEW = 120  # seconds a control request stays valid
+CONTROL_DEADLINE = 5.0  # seconds a control connection has, from accept, to deliver its request
+CONTROL_MAX_REQUEST = 64 * 1024  # bytes of one request line
+CONTROL_MAX_CONNECTIONS = 32  # control connections served at once; more are closed at once
+
+
+_log_fd = 2  # where log() writes: stderr, or the private copy of it keep_log_stream() made
 
 
 def log(message: str) -> None:
-    print(f"[launcher {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+    """One line on the launcher's own stderr: the backend's log (the SSH host's kernel-<id>.log, the
+    container's log), which the gateway reads into its log and error messages when a launch fails."""
+    data = f"[launcher {time.strftime('%H:%M:%S')}] {message}\n".encode(errors="replace")
+    try:
+        while data:
+            data = data[os.write(_log_fd, data):]
+    except OSError:
+        pass  # nowhere left to say it
+
+
+def keep_log_stream() -> None:
+    """Keep a private copy of stderr for log(): once ipykernel initializes it sends fds 1 and 2 (and
+    sys.stderr) to the kernel's clients, and the launcher's own messages would reach no log at all."""
+    global _log_fd
+    _log_fd = os.dup(2)  # not inheritable: the kernel's children do not get it
+
+
+def read_launch_token(from_stdin: bool, argv: list[str]) -> str:
+    """The launch token: the first line of stdin, or ``KERNEL_LAUNCH_TOKEN``.
+
+    A token from the environment would stay readable in /proc/<pid>/environ (the initial environment,
+    which ``os.environ.pop`` does not change) for the kernel's whole life, so the launcher re-executes
+    itself (same pid) without the variable and with the token on stdin instead.
+    """
+    if from_stdin:
+        return sys.stdin.readline().strip()
+    token = os.environ.pop("KERNEL_LAUNCH_TOKEN", "")
+    if token:
+        reexec_with_token_on_stdin(token, argv)
+    return token
+
+
+def reexec_with_token_on_stdin(token: str, argv: list[str]) -> None:
+    """Replace this process by the launcher run with ``argv --launch-token-stdin``, stdin a pipe holding the token."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, token.encode() + b"\n")  # a few dozen bytes: the pipe buffer holds them
+    os.close(write_end)
+    os.dup2(read_end, 0)
+    os.close(read_end)
+    orig_argv = getattr(sys, "orig_argv", [sys.executable, *sys.argv])  # Python >= 3.10 keeps interpreter options
+    interpreter = orig_argv[: len(orig_argv) - len(sys.argv) + 1]  # python [options] script
+    os.execve(sys.executable, [sys.executable, *interpreter[1:], "--launch-token-stdin", *argv], dict(os.environ))
 
 
 def parse_range(text: str) -> tuple[int, int] | None:
@@ -79,7 +148,9 @@ def bind_in_range(sock: socket.socket, ip: str, port_range: tuple[int, int] | No
     raise SystemExit(f"launcher: no free port in range {low}..{high}")
 
 
-def encrypt_payload(payload: dict, kernel_id: str, gateway_key_b64: str) -> bytes:
+def encrypt_payload(payload: dict, kernel_id: str, gateway_key_b64: str) -> tuple[bytes, bytes]:
+    """The framed, encrypted report and the ack that answers it: ``KGA1`` + HMAC of the message under a key
+    from the same X25519 exchange, which only the holder of the gateway's private key can compute too."""
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -98,7 +169,9 @@ def encrypt_payload(payload: dict, kernel_id: str, gateway_key_b64: str) -> byte
         "nonce": base64.b64encode(nonce).decode(),
         "ciphertext": base64.b64encode(ciphertext).decode(),
     }).encode()
-    return MAGIC + struct.pack(">I", len(envelope)) + envelope
+    message = MAGIC + struct.pack(">I", len(envelope)) + envelope
+    ack_key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=ACK_INFO).derive(shared)
+    return message, ACK_MAGIC + hmac.new(ack_key, message, hashlib.sha256).digest()
 
 
 def control_mac(key: bytes, nonce: str, stamp: int, request: dict) -> str:
@@ -107,64 +180,147 @@ def control_mac(key: bytes, nonce: str, stamp: int, request: dict) -> str:
 
 
 class ControlServer(threading.Thread):
-    """Serves authenticated signal and shutdown requests for the kernel in this process."""
+    """Serves authenticated signal and shutdown requests for the kernel in this process.
 
-    def __init__(self, sock: socket.socket, key: bytes) -> None:
+    Each connection is served by a thread of its own, so a slow or idle client never holds up the
+    gateway's requests; it has ``deadline`` seconds from accept to deliver its request line of at most
+    ``max_request`` bytes, and at most ``max_connections`` are served at once (one more is closed at once).
+    """
+
+    def __init__(self, sock: socket.socket, key: bytes, deadline: float = CONTROL_DEADLINE,
+                 max_request: int = CONTROL_MAX_REQUEST, max_connections: int = CONTROL_MAX_CONNECTIONS) -> None:
         super().__init__(name="launcher-control", daemon=True)
         self.sock = sock
         self.key = key
+        self.deadline = deadline
+        self.max_request = max_request
+        self.slots = threading.BoundedSemaphore(max_connections)
         self.seen: dict[str, float] = {}
+        self.seen_lock = threading.Lock()  # connections are served concurrently
+
+    def start(self) -> None:
+        self.sock.listen(64)  # before returning: a client may connect as soon as start() returns
+        super().start()
 
     def run(self) -> None:
-        self.sock.listen(16)
         while True:
             try:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
+            if not self.slots.acquire(blocking=False):
+                conn.close()  # over the bound: descriptors and threads stay bounded
+                continue
+            try:
+                threading.Thread(target=self.serve, args=(conn, time.monotonic() + self.deadline),
+                                 name="launcher-control-connection", daemon=True).start()
+            except RuntimeError:  # no thread to be had: refuse this one, keep serving
+                conn.close()
+                self.slots.release()
+
+    def serve(self, conn: socket.socket, deadline: float) -> None:
+        """Read one request line by ``deadline``, answer it with one line, close."""
+        try:
             with conn:
-                conn.settimeout(5)
+                signum = 0
                 try:
-                    reply = self.handle(conn.makefile("rb").readline(65536))
-                except Exception as exc:  # any malformed request is refused; the server keeps serving
+                    reply, signum = self.handle(self.read_line(conn, deadline))
+                except Exception as exc:  # any malformed or late request is refused; the server keeps serving
                     reply = {"ok": False, "error": f"bad request: {type(exc).__name__}"}
                 try:
+                    conn.settimeout(1.0)  # a one-line reply fits any socket buffer; never wait on a stalled reader
                     conn.sendall(json.dumps(reply).encode() + b"\n")
                 except OSError:
                     pass
+            if signum:  # after the reply: a SIGTERM may end this process before it could answer
+                os.kill(os.getpid(), signum)
+        finally:
+            self.slots.release()
 
-    def handle(self, line: bytes) -> dict:
+    def read_line(self, conn: socket.socket, deadline: float) -> bytes:
+        """The bytes up to the first newline (or EOF); TimeoutError at ``deadline``, ValueError when too long."""
+        data = b""
+        while b"\n" not in data and len(data) <= self.max_request:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("no complete request line before the deadline")
+            conn.settimeout(remaining)
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        line = data.split(b"\n", 1)[0]
+        if len(line) > self.max_request:
+            raise ValueError("request line too long")
+        return line
+
+    def handle(self, line: bytes) -> tuple[dict, int]:
+        """The reply to one request line, and the signal to send this process once it is answered (0: none)."""
         message = json.loads(line)
         request, nonce, stamp = message["request"], str(message["nonce"]), int(message["time"])
         if not isinstance(request, dict):
             raise ValueError("request must be an object")
         expected = control_mac(self.key, nonce, stamp, request)
         if not hmac.compare_digest(expected, str(message.get("mac", ""))):
-            return {"ok": False, "error": "authentication failed"}
+            return {"ok": False, "error": "authentication failed"}, 0
         now = time.time()
-        if abs(now - stamp) > CONTROL_SKEW or nonce in self.seen:
-            return {"ok": False, "error": "stale or replayed request"}
-        self.seen = {n: t for n, t in self.seen.items() if now - t < 2 * CONTROL_SKEW}
-        self.seen[nonce] = now
+        with self.seen_lock:
+            if abs(now - stamp) > CONTROL_SKEW or nonce in self.seen:
+                return {"ok": False, "error": "stale or replayed request"}, 0
+            self.seen = {n: t for n, t in self.seen.items() if now - t < 2 * CONTROL_SKEW}
+            self.seen[nonce] = now
         if "signum" in request:
             signum = int(request["signum"])
             if signum:
-                os.kill(os.getpid(), signum)
-            return {"ok": True}
+                signal.Signals(signum)  # ValueError for a number that is no signal here
+            return {"ok": True}, signum
         if request.get("shutdown"):
             log("shutdown requested through the control port")
-            os.kill(os.getpid(), signal.SIGTERM)
-            return {"ok": True}
-        return {"ok": False, "error": "unknown request"}
+            return {"ok": True}, int(signal.SIGTERM)
+        return {"ok": False, "error": "unknown request"}, 0
 
 
 def send_connection_info(address: str, payload: dict, kernel_id: str, public_key: str, timeout: float) -> None:
+    """Report ``payload`` to the gateway until it acknowledges it; TimeoutError once ``timeout`` seconds pass.
+
+    Each attempt is a new connection and a new encryption; a refused or dropped connection, a close
+    without an ack or an ack that does not verify leads to another attempt after a wait that doubles
+    from RETRY_FIRST to RETRY_MAX seconds, with jitter so that many launchers do not retry in step.
+    """
     host, _, port = address.rpartition(":")
-    with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as conn:
-        local_ip = conn.getsockname()[0]
-        if payload["connection_info"]["ip"] in ("0.0.0.0", "::", ""):
-            payload["connection_info"]["ip"] = local_ip  # the address the gateway can reach us on
-        conn.sendall(encrypt_payload(payload, kernel_id, public_key))
+    target = (host.strip("[]"), int(port))
+    deadline = time.monotonic() + timeout
+    delay, attempts = RETRY_FIRST, 0
+    while True:
+        attempts += 1
+        try:
+            report_once(target, payload, kernel_id, public_key, min(ATTEMPT_TIMEOUT, max(deadline - time.monotonic(), 0.1)))
+            return
+        except OSError as exc:
+            failure = str(exc) or type(exc).__name__
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"the gateway did not acknowledge the connection info within {timeout:g}s "
+                               f"({attempts} attempts; last: {failure})")
+        time.sleep(min(remaining, secrets.SystemRandom().uniform(delay / 2, delay)))
+        delay = min(delay * 2, RETRY_MAX)
+
+
+def report_once(target: tuple[str, int], payload: dict, kernel_id: str, public_key: str, timeout: float) -> None:
+    """One attempt: connect, send the encrypted report, verify the gateway's ack; OSError if any step fails."""
+    with socket.create_connection(target, timeout=timeout) as conn:
+        info = payload["connection_info"]
+        if info["ip"] in ("0.0.0.0", "::", ""):  # the address the gateway can reach us on
+            payload = dict(payload, connection_info=dict(info, ip=conn.getsockname()[0]))
+        message, ack = encrypt_payload(payload, kernel_id, public_key)
+        conn.sendall(message)
+        reply = b""
+        while len(reply) < len(ack) and (chunk := conn.recv(len(ack) - len(reply))):
+            reply += chunk
+    if not reply:
+        raise ConnectionError("the gateway closed the connection without an acknowledgement")
+    if not hmac.compare_digest(reply, ack):
+        raise ConnectionError("the acknowledgement did not verify (not from the gateway that holds the key)")
 
 
 def confine_random_ports(port_range: tuple[int, int] | None, spare: list[int]) -> None:
@@ -196,6 +352,9 @@ def reporting_app_class():
         def write_connection_file(self, **kwargs):
             pass
 
+        def log_connection_info(self):
+            pass  # its "--existing kernel-N.json" banner names a file we never write and crowds the log tail
+
     return LaunchedKernelApp
 
 
@@ -219,7 +378,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kernel-class-name", default="ipykernel.ipkernel.IPythonKernel")
     parser.add_argument("--ip", default="0.0.0.0", help="address the kernel binds")
     parser.add_argument("--launch-token-stdin", action="store_true", help="read the launch token from stdin")
-    parser.add_argument("--connect-timeout", type=float, default=30.0)
+    parser.add_argument("--connect-timeout", type=float, default=30.0,
+                        help="seconds to keep reporting to the gateway until it acknowledges; then exit with status 3")
     args, kernel_args = parser.parse_known_args(argv)
     if kernel_args and not args.connection_file:
         parser.error(f"unrecognized arguments: {' '.join(kernel_args)}")
@@ -231,7 +391,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not (args.kernel_id and args.response_address and args.public_key):
         raise SystemExit("launcher: --kernel-id, --response-address and --public-key are required")
-    token = sys.stdin.readline().strip() if args.launch_token_stdin else os.environ.pop("KERNEL_LAUNCH_TOKEN", "")
+    keep_log_stream()
+    token = read_launch_token(args.launch_token_stdin, sys.argv[1:] if argv is None else argv)
     if not token:
         raise SystemExit("launcher: no launch token (KERNEL_LAUNCH_TOKEN or --launch-token-stdin)")
 
@@ -252,6 +413,7 @@ def main(argv: list[str] | None = None) -> None:
     config.IPKernelApp.kernel_class = args.kernel_class_name
     app = reporting_app_class().instance(config=config)
     app.initialize([])
+    ControlServer(control_sock, control_key).start()  # serving before the gateway can learn its port
 
     payload = {
         "version": 1,
@@ -278,13 +440,21 @@ def main(argv: list[str] | None = None) -> None:
     try:
         send_connection_info(args.response_address, payload, args.kernel_id, args.public_key, args.connect_timeout)
     except OSError as exc:
-        log(f"cannot reach the gateway at {args.response_address}: {exc}; exiting")
+        log(f"cannot report to the gateway at {args.response_address}: {exc}; exiting with status 3")
         os._exit(3)
     log(f"kernel {args.kernel_id} ready: ports {app.shell_port},{app.iopub_port},{app.stdin_port},"
         f"{app.control_port},{app.hb_port}, control {control_port}, pid {os.getpid()}")
-    ControlServer(control_sock, control_key).start()
     app.start()
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as exc:  # its message would go to sys.stderr, which ipykernel may have taken over
+        if isinstance(exc.code, str):
+            log(exc.code)
+            raise SystemExit(1) from None
+        raise
+    except BaseException:
+        log("failed:\n" + traceback.format_exc().rstrip())
+        raise SystemExit(1) from None

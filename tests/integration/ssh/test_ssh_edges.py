@@ -80,6 +80,43 @@ def test_unreachable_response_address_fails_cleanly(ssh_cluster, tmp_path):
         gw.stop()
 
 
+def test_launcher_exit_is_explained_in_the_error_and_the_gateway_log(ssh_cluster, tmp_path):
+    """The launcher's own message (said after ipykernel took over its stderr) reaches the client and our log."""
+    data = tmp_path / "data"
+    # 127.0.0.1 on the host: nothing listens there, so every report is refused and the launcher gives up
+    write_ssh_spec(data, "ssh-refused", ssh_cluster, response_host="127.0.0.1")
+    spec_file = data / "kernels" / "ssh-refused" / "kernel.json"
+    spec = json.loads(spec_file.read_text())
+    spec["argv"] += ["--connect-timeout", "3"]
+    spec_file.write_text(json.dumps(spec))
+    gw = start_gateway(tmp_path=tmp_path, env={"JUPYTER_PATH": str(data)})
+    try:
+        status, body, _ = call(gw, "POST", "/api/kernels",
+                               {"name": "ssh-refused", "env": {"KERNEL_LAUNCH_TIMEOUT": "60"}})
+        assert status == 502, body
+        message = body["message"]
+        assert "the launcher exited with status 3" in message, message
+        assert "cannot report to the gateway at 127.0.0.1:" in message, message
+        kid = message.split("kernel ", 1)[1].split(":", 1)[0]
+        wait_until(lambda: f"kernel={kid}" in gw.log() and "cannot report to the gateway at 127.0.0.1:" in gw.log(),
+                   15, what="the launcher's message in the gateway log")
+    finally:
+        gw.stop()
+
+
+def test_a_kernel_that_dies_leaves_its_launchers_last_words_in_the_gateway_log(ssh_gateway, ssh_cluster):
+    kid = start_kernel(ssh_gateway, "ssh")
+    try:
+        with KernelWS(ssh_gateway, kid) as ws:  # open until the end: closing it could drop the request
+            ws.execute("import os; os._exit(7)")
+            wait_until(lambda: f"kernel {kid}: the launcher exited with status 7" in ssh_gateway.log(), 60,
+                       what="the launcher's exit in the gateway log")
+        logged = ssh_gateway.log().split(f"kernel {kid}: the launcher exited with status 7", 1)[1]
+        assert f"kernel-{kid}.log" in logged and "[launcher" in logged and "ready: ports" in logged, logged[:3000]
+    finally:
+        call(ssh_gateway, "DELETE", f"/api/kernels/{kid}")
+
+
 def test_enterprise_gateway_kernelspec_runs_unchanged(ssh_cluster, tmp_path):
     spec_dir = tmp_path / "data" / "kernels" / "eg_python_distributed"
     spec_dir.mkdir(parents=True)
