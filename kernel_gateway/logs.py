@@ -8,9 +8,26 @@ import re
 import time
 from typing import Any
 
-__all__ = ["JSONFormatter", "TextFormatter", "configure_logging", "log_request", "redact"]
+__all__ = ["CONTROL_CHARS", "JSONFormatter", "TextFormatter", "configure_logging", "escape_controls", "log_request",
+           "redact"]
 
 _SECRET_QUERY = re.compile(r"(?i)([?&](?:token|access_token)=)[^&\s]*")
+#: Characters that could forge or hide log lines: C0 controls but tab (newline, CR, ESC of ANSI sequences),
+#: DEL, C1 controls, Unicode line/paragraph separators and lone surrogates.
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_NAMED = {"\n": "\\n", "\r": "\\r"}
+
+
+def _escape_char(match: re.Match) -> str:
+    char = match.group()
+    return _NAMED.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+
+
+def escape_controls(text: str, keep_newlines: bool = False) -> str:
+    """``text`` with every character of :data:`CONTROL_CHARS` written as a visible escape (``\\n``, ``\\x1b``)."""
+    if keep_newlines:
+        return "\n".join(CONTROL_CHARS.sub(_escape_char, line) for line in text.split("\n"))
+    return CONTROL_CHARS.sub(_escape_char, text)
 
 
 def redact(text: str) -> str:
@@ -19,16 +36,22 @@ def redact(text: str) -> str:
 
 
 class TextFormatter(logging.Formatter):
-    """``[I 12:00:00.123 gateway] kernel=<id> message`` for terminals."""
+    """``[I 12:00:00.123 gateway] kernel=<id> message`` for terminals.
+
+    One record is one line: control characters in the message and fields are escaped, so client input
+    (a kernelspec name, a path) cannot forge or colour lines. Only a traceback keeps its line breaks.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created)) + f".{int(record.msecs):03d}"
         kernel = getattr(record, "kernel_id", None)
         prefix = f"[{record.levelname[0]} {stamp} {record.name}]"
         message = redact(record.getMessage())
-        line = f"{prefix} kernel={kernel} {message}" if kernel else f"{prefix} {message}"
+        line = escape_controls(f"{prefix} kernel={kernel} {message}" if kernel else f"{prefix} {message}")
         if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+            line += "\n" + escape_controls(redact(self.formatException(record.exc_info)), keep_newlines=True)
+        if record.stack_info:
+            line += "\n" + escape_controls(self.formatStack(record.stack_info), keep_newlines=True)
         return line
 
 
@@ -47,7 +70,8 @@ class JSONFormatter(logging.Formatter):
             if value is not None:
                 entry[key] = value
         if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+            entry["exception"] = redact(self.formatException(record.exc_info))
+        # json.dumps escapes every control character and, with ensure_ascii, every non-ASCII one
         return json.dumps(entry, default=str)
 
 
@@ -63,6 +87,8 @@ def configure_logging(level: int | str, fmt: str) -> None:
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
+    # library warnings (e.g. jupyter_client on an odd kernelspec directory) go through the same formatter
+    logging.captureWarnings(True)
 
 
 _access_log = logging.getLogger("kernel_gateway.access")

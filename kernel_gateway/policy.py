@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -10,12 +11,26 @@ from traitlets import Float, Integer, List, TraitError, Unicode, validate
 from provisioners.envconfig import EnvConfigurable
 
 from .errors import BadRequestError, ForbiddenError, LimitError
+from .logs import CONTROL_CHARS, escape_controls
 
-__all__ = ["GatewayPolicy"]
+__all__ = ["GatewayPolicy", "check_text"]
 
 MAX_ENV_VALUE = 4096
 #: Always passed from the gateway's own environment, so kernels can find their interpreter.
 BASE_INHERITED = ("PATH",)
+
+
+def check_text(value: str, what: str) -> str:
+    """Return ``value`` unless it holds a control character (tab aside) or a lone surrogate.
+
+    Such text cannot reach a process environment, a file name or a log line safely (a lone surrogate
+    is not even encodable as UTF-8); raise :class:`BadRequestError` naming ``what``.
+    """
+    found = CONTROL_CHARS.search(value)
+    if found:
+        raise BadRequestError(f"{what} must not contain control characters or lone surrogates; found "
+                              f"'{escape_controls(found.group())}' at position {found.start()}")
+    return value
 
 
 class GatewayPolicy(EnvConfigurable):
@@ -70,6 +85,13 @@ class GatewayPolicy(EnvConfigurable):
         help="Upper bound, in seconds, on a client's KERNEL_LAUNCH_TIMEOUT.",
     ).tag(env="GATEWAY_MAX_LAUNCH_TIMEOUT")
 
+    min_launch_timeout = Float(
+        2.0,
+        config=True,
+        help="Lower bound, in seconds, on a client's KERNEL_LAUNCH_TIMEOUT: a smaller value is raised to it, "
+        "so a kernel always gets a real chance to start. max_launch_timeout wins if it is smaller.",
+    ).tag(env="GATEWAY_MIN_LAUNCH_TIMEOUT")
+
     max_kernels = Integer(
         0,
         config=True,
@@ -82,9 +104,9 @@ class GatewayPolicy(EnvConfigurable):
         help="Most kernels one user may have running or starting; 0 means no limit.",
     ).tag(env="GATEWAY_MAX_KERNELS_PER_USER")
 
-    @validate("launch_timeout", "max_launch_timeout")
+    @validate("launch_timeout", "max_launch_timeout", "min_launch_timeout")
     def _positive_timeout(self, proposal: dict[str, Any]) -> float:
-        if proposal["value"] <= 0:
+        if not (math.isfinite(proposal["value"]) and proposal["value"] > 0):
             raise TraitError(f"{proposal['trait'].name} must be a positive number of seconds, not {proposal['value']}")
         return proposal["value"]
 
@@ -99,8 +121,8 @@ class GatewayPolicy(EnvConfigurable):
         if self.identity_header:
             user = headers.get(self.identity_header, "")
             if user:
-                return user
-        return request_env.get("KERNEL_USERNAME", "")
+                return check_text(user, f"the user name in {self.identity_header}")
+        return check_text(request_env.get("KERNEL_USERNAME", ""), "KERNEL_USERNAME")
 
     def check_user(self, user: str, spec_metadata: dict[str, Any], spec_name: str) -> None:
         """Raise :class:`ForbiddenError` unless ``user`` may start kernels of ``spec_name``."""
@@ -128,14 +150,16 @@ class GatewayPolicy(EnvConfigurable):
         if not isinstance(request_env, dict):
             raise BadRequestError("'env' must be an object mapping variable names to strings")
         for name, value in request_env.items():
-            if not name or not name.replace("_", "a").isalnum() or name[0].isdigit():
-                raise BadRequestError(f"env variable name {name!r} must be letters, digits and underscores")
+            if not name or not name.isascii() or not name.replace("_", "a").isalnum() or name[0].isdigit():
+                raise BadRequestError(f"env variable name '{escape_controls(name)}' must be ASCII letters, digits "
+                                      "and underscores, not starting with a digit")
             if not isinstance(value, str):
                 raise BadRequestError(f"env variable {name} must be a string, not {type(value).__name__}")
             if len(value) > MAX_ENV_VALUE:
                 raise BadRequestError(f"env variable {name} is {len(value)} characters; the limit is {MAX_ENV_VALUE}")
             if any(ch in value for ch in "\0\n\r"):
                 raise BadRequestError(f"env variable {name} must not contain NUL or newline characters")
+            check_text(value, f"env variable {name}")
         return dict(request_env)
 
     def kernel_env(self, request_env: dict[str, str], user: str, kernel_id: str, launch_timeout: float) -> dict[str, str]:
@@ -154,7 +178,8 @@ class GatewayPolicy(EnvConfigurable):
         return env
 
     def launch_timeout_for(self, request_env: dict[str, str]) -> float:
-        """The launch timeout for a request: KERNEL_LAUNCH_TIMEOUT if valid, capped at ``max_launch_timeout``."""
+        """The launch timeout for a request: KERNEL_LAUNCH_TIMEOUT if valid, raised to ``min_launch_timeout``
+        and capped at ``max_launch_timeout``."""
         raw = request_env.get("KERNEL_LAUNCH_TIMEOUT")
         if raw is None:
             return min(self.launch_timeout, self.max_launch_timeout)
@@ -162,6 +187,8 @@ class GatewayPolicy(EnvConfigurable):
             value = float(raw)
         except ValueError:
             raise BadRequestError(f"KERNEL_LAUNCH_TIMEOUT must be a number of seconds, not {raw!r}") from None
+        if not math.isfinite(value):
+            raise BadRequestError(f"KERNEL_LAUNCH_TIMEOUT must be a finite number of seconds, not {raw!r}")
         if not value > 0:
             raise BadRequestError(f"KERNEL_LAUNCH_TIMEOUT must be positive, not {raw!r}")
-        return min(value, self.max_launch_timeout)
+        return min(max(value, self.min_launch_timeout), self.max_launch_timeout)

@@ -73,7 +73,16 @@ class GatewayHandlerMixin:
             raise errors.AuthenticationError("the token is not valid for this gateway")
 
     def set_cors_headers(self) -> None:
-        origin = self.settings.get("allow_origin", "")
+        """CORS headers for ``allow_origin``: '*' as is; from a list, the request's origin if listed."""
+        allowed = self.settings.get("allow_origin", "")
+        if not allowed:
+            return
+        origin = allowed
+        if allowed != "*":
+            self.set_header("Vary", "Origin")  # type: ignore[attr-defined]
+            origin = self.request.headers.get("Origin", "")
+            if origin not in [o.strip() for o in allowed.split(",") if o.strip()]:
+                return
         if origin:
             self.set_header("Access-Control-Allow-Origin", origin)  # type: ignore[attr-defined]
             self.set_header("Access-Control-Allow-Headers", "Authorization, Content-Type, X-XSRFToken")  # type: ignore[attr-defined]
@@ -154,6 +163,8 @@ class APIHandler(GatewayHandlerMixin, web.RequestHandler):
             body = json.loads(raw)
         except ValueError as exc:
             raise errors.BadRequestError(f"the request body is not valid JSON: {exc}") from None
+        except RecursionError:  # the decoder recurses once per nested array or object
+            raise errors.BadRequestError("the request body nests arrays or objects too deeply") from None
         if not isinstance(body, dict):
             raise errors.BadRequestError("the request body must be a JSON object")
         return body
@@ -162,8 +173,8 @@ class APIHandler(GatewayHandlerMixin, web.RequestHandler):
         self.set_status(status)
         self.finish(json.dumps(value))
 
-    def options(self, *args: Any) -> None:
-        """CORS preflight: answered without a token."""
+    def options(self, *args: Any, **kwargs: Any) -> None:
+        """CORS preflight: answered without a token (tornado passes a route's named groups as kwargs)."""
         self.set_status(204)
         self.finish()
 

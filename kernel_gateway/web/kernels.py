@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..errors import BadRequestError
+from ..policy import check_text
 from .base import APIHandler
 
 KERNEL_ID = r"(?P<kernel_id>\w+-\w+-\w+-\w+-\w+)"
@@ -12,7 +13,7 @@ def _name(body: dict) -> str | None:
     name = body.get("name")
     if name is not None and (not isinstance(name, str) or not name.strip()):
         raise BadRequestError("'name' must be a kernelspec name or null")
-    return name
+    return name if name is None else check_text(name, "'name'")
 
 
 class KernelsHandler(APIHandler):

@@ -9,6 +9,8 @@ from typing import Any
 from tornado import web
 
 from ..errors import ForbiddenError, UnknownKernelSpecError
+from ..logs import CONTROL_CHARS
+from ..policy import check_text
 from .base import APIHandler
 
 NAME = r"(?P<name>[\w.\-%]+)"
@@ -39,6 +41,8 @@ class KernelSpecsHandler(APIHandler):
         user = self.policy.identify(self.request.headers, {"KERNEL_USERNAME": self.get_query_argument("user", "")})
         specs = {}
         for name in sorted(registry.kernel_spec_manager.find_kernel_specs()):
+            if CONTROL_CHARS.search(name):  # a directory made after start-up checked them all
+                continue
             try:
                 _, spec = registry.spec(name)
                 self.policy.check_user(user, spec.metadata or {}, name)
@@ -52,7 +56,7 @@ class KernelSpecHandler(APIHandler):
     """``/api/kernelspecs/{name}``: one spec."""
 
     def get(self, name: str) -> None:
-        name, spec = self.registry.spec(name)
+        name, spec = self.registry.spec(check_text(name, "a kernelspec name"))
         self.write_json(spec_model(name, spec, self.settings["base_url"]))
 
 
@@ -60,7 +64,8 @@ class KernelSpecResourceHandler(APIHandler):
     """``/kernelspecs/{name}/{resource}``: a file from the spec's directory, nothing outside it."""
 
     def get(self, name: str, resource: str) -> None:
-        name, spec = self.registry.spec(name)
+        name, spec = self.registry.spec(check_text(name, "a kernelspec name"))
+        check_text(resource, "a kernelspec resource path")
         root = os.path.realpath(spec.resource_dir)
         path = os.path.realpath(os.path.join(root, resource))
         if not path.startswith(root + os.sep) or not os.path.isfile(path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import BadRequestError, UnknownKernelError
+from ..policy import check_text
 from .base import APIHandler
 
 SESSION_ID = r"(?P<session_id>\w+-\w+-\w+-\w+-\w+)"
@@ -14,7 +15,7 @@ def _string(body: dict[str, Any], key: str, default: str | None = None) -> str |
     value = body.get(key, default)
     if value is not None and not isinstance(value, str):
         raise BadRequestError(f"'{key}' must be a string")
-    return value
+    return value if value is None else check_text(value, f"'{key}'")
 
 
 def _kernel_request(body: dict[str, Any]) -> dict[str, Any]:
@@ -26,6 +27,8 @@ def _kernel_request(body: dict[str, Any]) -> dict[str, Any]:
     for key in ("name", "id"):
         if kernel.get(key) is not None and not isinstance(kernel[key], str):
             raise BadRequestError(f"'kernel.{key}' must be a string")
+        if kernel.get(key) is not None:
+            check_text(kernel[key], f"'kernel.{key}'")
     return kernel
 
 
