@@ -79,10 +79,12 @@ def start_gateway(
     token: str | None = None,
     env: dict[str, str] | None = None,
     timeout: float = 30,
+    preexec_fn=None,
 ) -> GatewayServer:
     """Start ``python -m kernel_gateway`` with ``args`` and wait for ``/readyz``.
 
-    ``token=None`` generates one; ``token=""`` starts without auth (``--no-auth``).
+    ``token=None`` generates one; ``token=""`` starts without auth (``--no-auth``). ``preexec_fn`` runs in
+    the child before it starts (e.g. to set its resource limits).
     """
     port = free_port()
     if token is None:
@@ -95,7 +97,8 @@ def start_gateway(
     proc_env.update(env or {})
     log_path = tmp_path / f"gateway-{port}.log"
     log_file = open(log_path, "wb")
-    proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=proc_env, cwd=tmp_path)
+    proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=proc_env, cwd=tmp_path,
+                            preexec_fn=preexec_fn)
     log_file.close()
     server = GatewayServer(port=port, token=token, proc=proc, log_path=log_path)
 
