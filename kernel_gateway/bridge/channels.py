@@ -1,11 +1,10 @@
 """Per-kernel ZMQ channels, fanned out to websocket sessions, with buffering while detached.
 
 One :class:`KernelBridge` per kernel owns the iopub subscription (so activity is tracked whether or
-not a client is connected) and one :class:`ChannelSession` per client ``session_id``. A session
-owns shell, control and stdin sockets whose ZMQ identity is the session id, so replies and
-``input_request`` reach the client that asked. A session outlives its websocket: while no socket
-is attached its messages are buffered and replayed to the next socket with the same id; a new
-socket with the same id takes the session over from an old one.
+not a client is connected) and one :class:`~.session.ChannelSession` per client ``session_id``.
+Every message for clients goes into the kernel's :class:`~.backlog.Backlog`, which sessions read
+at their own pace. Detached sessions are capped per kernel and in total, and the shell requests in
+flight per kernel are bounded (see :meth:`~.session.ChannelSession.send`).
 """
 
 from __future__ import annotations
@@ -14,15 +13,16 @@ import asyncio
 import json
 import logging
 import time
-from collections import deque
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator
 
 import zmq
 import zmq.asyncio
 
+from .backlog import Backlog, BridgeLimits
 from .frames import DELIMITER, FrameError, KernelMessage, Signer, kernel_message_from_zmq, make_message_parts
+from .session import ChannelSession, gateway_message, read_batches, zmq_address
 
-__all__ = ["ChannelSession", "ChannelSink", "KernelBridge"]
+__all__ = ["BridgeLimits", "KernelBridge", "UNTRACKED_PARENTS"]
 
 log = logging.getLogger("kernel_gateway.bridge")
 
@@ -32,150 +32,12 @@ UNTRACKED_PARENTS = frozenset(
 )
 
 
-#: Messages taken from a socket in one go before they are handed on (bounds one loop iteration).
-BATCH_LIMIT = 500
-
-
-async def read_batches(sock: zmq.asyncio.Socket):
-    """Yield lists of multipart messages: wait for one, then take whatever else is already queued.
-
-    Draining without awaiting each message keeps the per-message cost of an output flood low.
-    """
-    drain = zmq.Socket.shadow(sock.underlying)
-    while True:
-        batch = [await sock.recv_multipart()]
-        while len(batch) < BATCH_LIMIT:
-            try:
-                batch.append(drain.recv_multipart(zmq.NOBLOCK))
-            except zmq.Again:
-                break
-        yield batch
-
-
-class ChannelSink(Protocol):
-    """Where a session's messages go: a websocket connection."""
-
-    def deliver(self, msg: KernelMessage) -> None: ...
-
-    def end(self, reason: str) -> None: ...
-
-
-def _address(info: dict[str, Any], channel: str) -> str:
-    transport = info.get("transport", "tcp")
-    ip = info.get("ip", "127.0.0.1")
-    port = info[f"{channel}_port"]
-    return f"{transport}://{ip}:{port}" if transport == "tcp" else f"{transport}://{ip}-{port}"
-
-
-class ChannelSession:
-    """The shell/control/stdin sockets of one client session, and its buffer while detached."""
-
-    def __init__(self, bridge: KernelBridge, session_id: str, retain: bool) -> None:
-        self.bridge = bridge
-        self.session_id = session_id
-        self.retain = retain  # the client named this session, so it may come back for its output
-        self.sink: ChannelSink | None = None
-        self.detached_at: float | None = time.monotonic()
-        self._buffer: deque[KernelMessage] = deque()
-        self._dropped = 0
-        self._sockets: dict[str, zmq.asyncio.Socket] = {}
-        self._readers: list[asyncio.Task] = []
-
-    def open(self) -> None:
-        identity = self.session_id.encode()
-        for channel in ("shell", "control", "stdin"):
-            sock = self.bridge.context.socket(zmq.DEALER)
-            sock.setsockopt(zmq.IDENTITY, identity)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(_address(self.bridge.connection_info, channel))
-            self._sockets[channel] = sock
-            self._readers.append(asyncio.create_task(self._read(channel, sock)))
-
-    async def _read(self, channel: str, sock: zmq.asyncio.Socket) -> None:
-        async for batch in read_batches(sock):
-            self.bridge.touch()
-            for frames in batch:
-                try:
-                    msg = kernel_message_from_zmq(channel, frames, self.bridge.signer)
-                except FrameError as exc:
-                    self.bridge.log.warning("dropped a %s message from the kernel: %s", channel, exc)
-                    continue
-                self.deliver(msg)
-
-    def deliver(self, msg: KernelMessage) -> None:
-        """Send ``msg`` to the attached socket, or buffer it while none is attached. Never waits."""
-        if self.sink is not None:
-            self.sink.deliver(msg)
-        else:
-            self.keep(msg)
-
-    def keep(self, msg: KernelMessage) -> None:
-        """Buffer ``msg`` for the client's return (if it named its session) while no socket is attached."""
-        if not self.retain:
-            return
-        self._buffer.append(msg)
-        if len(self._buffer) > self.bridge.buffer_max_messages:
-            self._buffer.popleft()
-            self._dropped += 1
-
-    def attach(self, sink: ChannelSink) -> list[KernelMessage]:
-        """Make ``sink`` the session's socket; return what was buffered for it to replay first."""
-        if self.sink is not None and self.sink is not sink:
-            self.sink.end("replaced by a newer connection with the same session_id")
-        self.sink = sink
-        self.detached_at = None
-        replay = list(self._buffer)
-        self._buffer.clear()
-        if self._dropped:
-            notice = make_message_parts(
-                "stream",
-                {"name": "stderr", "text": f"[gateway] {self._dropped} messages were dropped while disconnected "
-                 f"(buffer limit {self.bridge.buffer_max_messages} messages).\n"},
-                "gateway",
-            )
-            replay.insert(0, KernelMessage("iopub", notice, {"msg_type": "stream", "msg_id": ""}))
-            self._dropped = 0
-        return replay
-
-    def detach(self, sink: ChannelSink) -> None:
-        """Called when ``sink`` closed; a newer socket that took over is left alone."""
-        if self.sink is sink:
-            self.sink = None
-            self.detached_at = time.monotonic()
-
-    def send(self, channel: str, parts: list[bytes]) -> None:
-        """Sign ``parts`` and send them to the kernel on ``channel``."""
-        signature = self.bridge.signer.sign(parts)
-        self.bridge.touch()
-        self._sockets[channel].send_multipart([DELIMITER, signature, *parts], copy=False)
-
-    def reconnect(self) -> None:
-        """Reopen the sockets towards new connection info; the attached client and the buffer stay."""
-        self._close_sockets()
-        self.open()
-
-    def _close_sockets(self) -> None:
-        for task in self._readers:
-            task.cancel()
-        for sock in self._sockets.values():
-            sock.close(linger=0)
-        self._readers.clear()
-        self._sockets.clear()
-
-    def close(self, reason: str = "") -> None:
-        """Close the sockets and forget the buffer; an attached client is disconnected with ``reason``."""
-        if self.sink is not None and reason:
-            self.sink.end(reason)
-        self.sink = None
-        self._close_sockets()
-        self._buffer.clear()
-
-
 class KernelBridge:
     """All websocket-facing channels of one kernel.
 
     ``on_activity(msg)`` is called for every iopub message, before fan-out; the kernel registry
-    uses it to keep ``execution_state`` and ``last_activity`` current.
+    uses it to keep ``execution_state`` and ``last_activity`` current. ``limits`` is shared by the
+    bridges of all kernels (byte budgets, detached-session caps, requests in flight).
     """
 
     def __init__(
@@ -184,14 +46,17 @@ class KernelBridge:
         connection_info: dict[str, Any],
         context: zmq.asyncio.Context,
         on_activity: Callable[[KernelMessage], None],
-        buffer_max_messages: int = 100_000,
+        limits: BridgeLimits | None = None,
     ) -> None:
         self.kernel_id = kernel_id
         self.context = context
         self.on_activity = on_activity
-        self.buffer_max_messages = buffer_max_messages
+        self.limits = limits or BridgeLimits()
         self.sessions: dict[str, ChannelSession] = {}
         self.log = logging.LoggerAdapter(log, {"kernel_id": kernel_id})
+        self.backlog = Backlog(self.limits, self.sessions, self.log)
+        self.in_flight = 0  # shell requests sent whose reply has not come back
+        self._refusing = False
         self.last_activity = time.time()
         self._iopub: zmq.asyncio.Socket | None = None
         self._iopub_task: asyncio.Task | None = None
@@ -212,11 +77,12 @@ class KernelBridge:
 
     def start(self) -> None:
         """Subscribe to iopub. Called once the kernel's ports are known."""
+        self.limits.bridges.add(self)
         sock = self.context.socket(zmq.SUB)
         sock.setsockopt(zmq.SUBSCRIBE, b"")
         sock.setsockopt(zmq.RCVHWM, 0)  # never drop output: back-pressure waits, it does not discard
         sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(_address(self.connection_info, "iopub"))
+        sock.connect(zmq_address(self.connection_info, "iopub"))
         self._iopub = sock
         self._iopub_task = asyncio.create_task(self._read_iopub(sock))
 
@@ -232,8 +98,31 @@ class KernelBridge:
                 if self._iopub_waiters:
                     self._wake_waiter(msg)
                 self.on_activity(msg)
-                for session in list(self.sessions.values()):
-                    session.deliver(msg)
+                self.backlog.append(msg)
+            self._wake_all()
+
+    def _wake_all(self) -> None:
+        for session in list(self.sessions.values()):
+            if session.sink is not None:
+                session.sink.wake()
+
+    def start_request(self) -> bool:
+        """Count a shell request about to be sent; False when the kernel has its bound in flight already."""
+        limit = self.limits.requests_in_flight
+        if limit and self.in_flight >= limit:
+            if not self._refusing:
+                self._refusing = True
+                self.log.warning("%d shell requests are waiting for replies; refusing more until some are answered",
+                                 self.in_flight)
+            return False
+        self.in_flight += 1
+        return True
+
+    def request_done(self) -> None:
+        """A shell reply came back."""
+        self.in_flight = max(self.in_flight - 1, 0)
+        if self._refusing and self.in_flight <= self.limits.requests_in_flight // 2:
+            self._refusing = False
 
     def _wake_waiter(self, msg: KernelMessage) -> None:
         parent = msg.parts[1]
@@ -251,7 +140,7 @@ class KernelBridge:
         deadline = time.monotonic() + timeout
         shell = self.context.socket(zmq.DEALER)
         shell.setsockopt(zmq.LINGER, 0)
-        shell.connect(_address(self.connection_info, "shell"))
+        shell.connect(zmq_address(self.connection_info, "shell"))
         try:
             while True:
                 parts = make_message_parts("kernel_info_request", {}, "gateway-ready")
@@ -292,6 +181,29 @@ class KernelBridge:
         session = self.sessions.pop(session_id, None)
         if session is not None:
             session.close(reason)
+            self.backlog.trim()
+
+    def detached_sessions(self) -> Iterator[ChannelSession]:
+        """Sessions kept for a client that may come back (named, no socket attached)."""
+        return (s for s in self.sessions.values() if s.sink is None and s.retain)
+
+    def cap_detached(self) -> None:
+        """Discard the oldest detached sessions over the per-kernel and the total caps."""
+        limits = self.limits
+        for cap, scope, sessions in (
+            (limits.detached_per_kernel, "for this kernel", lambda: list(self.detached_sessions())),
+            (limits.detached_total, "in the gateway", lambda: list(limits.detached())),
+        ):
+            if not cap:
+                continue
+            candidates = sessions()
+            if len(candidates) <= cap:
+                continue
+            candidates.sort(key=lambda s: s.detached_at or 0.0)
+            for session in candidates[: len(candidates) - cap]:
+                session.bridge.log.info("discarding detached session %s: over %d detached sessions %s",
+                                        session.session_id, cap, scope)
+                session.bridge.drop_session(session.session_id)
 
     def expire_sessions(self, max_detached_seconds: float) -> None:
         """Close sessions that have had no socket for longer than ``max_detached_seconds``."""
@@ -304,6 +216,8 @@ class KernelBridge:
     def retarget(self, connection_info: dict[str, Any]) -> None:
         """Point every socket at new connection info (a restart that moved the kernel)."""
         keys = ("ip", "transport", "shell_port", "iopub_port", "stdin_port", "control_port", "key")
+        self.in_flight = 0  # the old kernel process will not answer what it was sent
+        self._refusing = False
         if all(connection_info.get(k) == self.connection_info.get(k) for k in keys):
             return
         self._set_connection(connection_info)
@@ -314,10 +228,8 @@ class KernelBridge:
 
     def broadcast_status(self, state: str) -> None:
         """Tell every session the kernel is ``restarting`` or ``dead`` (the kernel cannot say so itself)."""
-        parts = make_message_parts("status", {"execution_state": state}, "gateway")
-        msg = KernelMessage("iopub", parts, {"msg_type": "status", "msg_id": _msg_id(parts[0])})
-        for session in list(self.sessions.values()):
-            session.deliver(msg)
+        self.backlog.append(gateway_message("iopub", "status", {"execution_state": state}))
+        self._wake_all()
 
     def _close_iopub(self) -> None:
         if self._iopub_task is not None:
@@ -331,6 +243,8 @@ class KernelBridge:
         self._close_iopub()
         for sid in list(self.sessions):
             self.drop_session(sid, "the kernel was shut down")
+        self.backlog.clear()
+        self.limits.bridges.discard(self)
 
 
 def _msg_id(header: bytes) -> str:

@@ -31,6 +31,7 @@ __all__ = [
     "to_legacy_frame",
     "to_v1_frame",
     "ws_frame",
+    "ws_header",
 ]
 
 DELIMITER = b"<IDS|MSG>"
@@ -142,17 +143,19 @@ def to_v1_frame(msg: KernelMessage) -> bytes:
     return b"".join((struct.pack(f"<{count + 1}Q", count, *offsets), *pieces))
 
 
-def ws_frame(payload: bytes, binary: bool) -> bytes:
-    """One unmasked, final websocket frame (server to client, no compression) around ``payload``."""
+def ws_header(size: int, binary: bool) -> bytes:
+    """The header of one unmasked, final websocket frame (server to client, no compression) of ``size`` bytes."""
     first = 0x82 if binary else 0x81
-    size = len(payload)
     if size < 126:
-        header = struct.pack("!BB", first, size)
-    elif size <= 0xFFFF:
-        header = struct.pack("!BBH", first, 126, size)
-    else:
-        header = struct.pack("!BBQ", first, 127, size)
-    return header + payload
+        return struct.pack("!BB", first, size)
+    if size <= 0xFFFF:
+        return struct.pack("!BBH", first, 126, size)
+    return struct.pack("!BBQ", first, 127, size)
+
+
+def ws_frame(payload: bytes, binary: bool) -> bytes:
+    """One unmasked, final websocket frame around ``payload``."""
+    return ws_header(len(payload), binary) + payload
 
 
 def _dumps(value: Any) -> bytes:

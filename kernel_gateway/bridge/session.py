@@ -1,0 +1,224 @@
+"""One client session of a kernel: its shell, control and stdin sockets and its place in the backlog.
+
+A session owns shell, control and stdin sockets whose ZMQ identity is the session id, so replies
+and ``input_request`` reach the client that asked. A session outlives its websocket: while no
+socket is attached its cursor stays put (if the client named the session), so the next socket with
+the same id resumes where it left off; a new socket with the same id takes the session over from
+an old one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import TYPE_CHECKING, Any, Protocol
+
+import zmq
+import zmq.asyncio
+
+from .backlog import Encoder
+from .frames import DELIMITER, FrameError, KernelMessage, kernel_message_from_zmq, make_message_parts
+
+if TYPE_CHECKING:
+    from .channels import KernelBridge
+
+__all__ = ["ChannelSession", "ChannelSink", "gateway_message", "read_batches", "zmq_address"]
+
+
+#: Messages taken from a socket in one go before they are handed on (bounds one loop iteration).
+BATCH_LIMIT = 500
+
+
+async def read_batches(sock: zmq.asyncio.Socket):
+    """Yield lists of multipart messages: wait for one, then take whatever else is already queued.
+
+    Draining without awaiting each message keeps the per-message cost of an output flood low.
+    """
+    drain = zmq.Socket.shadow(sock.underlying)
+    while True:
+        batch = [await sock.recv_multipart()]
+        while len(batch) < BATCH_LIMIT:
+            try:
+                batch.append(drain.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+        yield batch
+
+
+class ChannelSink(Protocol):
+    """Where a session's messages go: a websocket connection, which reads them with :meth:`ChannelSession.read`."""
+
+    def wake(self) -> None:
+        """New messages are waiting; read them when the socket has room."""
+
+    def end(self, reason: str) -> None:
+        """The session moved on (taken over, kernel gone): close with ``reason``."""
+
+    def overrun(self, reason: str) -> None:
+        """The client fell too far behind and lost messages: close with ``reason`` so it reconnects."""
+
+
+def zmq_address(info: dict[str, Any], channel: str) -> str:
+    transport = info.get("transport", "tcp")
+    ip = info.get("ip", "127.0.0.1")
+    port = info[f"{channel}_port"]
+    return f"{transport}://{ip}:{port}" if transport == "tcp" else f"{transport}://{ip}-{port}"
+
+
+class ChannelSession:
+    """The shell/control/stdin sockets of one client session, and its place in the kernel's backlog."""
+
+    def __init__(self, bridge: KernelBridge, session_id: str, retain: bool) -> None:
+        self.bridge = bridge
+        self.session_id = session_id
+        self.retain = retain  # the client named this session, so it may come back for its output
+        self.sink: ChannelSink | None = None
+        self.detached_at: float | None = time.monotonic()
+        self.cursor = bridge.backlog.end  # a new session sees output from now on
+        self._dropped = 0
+        self._sockets: dict[str, zmq.asyncio.Socket] = {}
+        self._readers: list[asyncio.Task] = []
+
+    @property
+    def keeps_output(self) -> bool:
+        """Whether the backlog keeps messages for this session (attached, or named and so resumable)."""
+        return self.sink is not None or self.retain
+
+    def open(self) -> None:
+        identity = self.session_id.encode()
+        for channel in ("shell", "control", "stdin"):
+            sock = self.bridge.context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.IDENTITY, identity)
+            # a request sent just before its client leaves still reaches the kernel (up to a second in the
+            # background after close), rather than being discarded with the session
+            sock.setsockopt(zmq.LINGER, 1000)
+            sock.connect(zmq_address(self.bridge.connection_info, channel))
+            self._sockets[channel] = sock
+            self._readers.append(asyncio.create_task(self._read(channel, sock)))
+
+    async def _read(self, channel: str, sock: zmq.asyncio.Socket) -> None:
+        async for batch in read_batches(sock):
+            self.bridge.touch()
+            for frames in batch:
+                try:
+                    msg = kernel_message_from_zmq(channel, frames, self.bridge.signer)
+                except FrameError as exc:
+                    self.bridge.log.warning("dropped a %s message from the kernel: %s", channel, exc)
+                    continue
+                if channel == "shell" and msg.msg_type.endswith("_reply"):
+                    self.bridge.request_done()
+                self.bridge.backlog.append(msg, self.session_id)
+            if self.sink is not None:
+                self.sink.wake()
+
+    def read(self, max_bytes: int, first: bool, key: str, encode: Encoder) -> list[tuple[bytes, bool]]:
+        """The next messages for this session as websocket payloads (see :meth:`Backlog.read`); the sink
+        calls it when its socket has room."""
+        return self.bridge.backlog.read(self, max_bytes, first, key, encode)
+
+    def lose(self, count: int) -> None:
+        """Note ``count`` messages this session's client will not get, to tell it when it comes back."""
+        self._dropped += count
+
+    def skip(self, cursor: int, lost: int, what: str) -> None:
+        """The backlog sheds: move on to ``cursor``, losing ``lost`` messages; an attached client is let go."""
+        self.cursor = cursor
+        if not lost:
+            return
+        self.lose(lost)
+        sink = self.sink
+        if sink is not None:
+            self.detach(sink)
+            sink.overrun(f"{what} is full: this client read too slowly; reconnect with the same session_id to resume")
+
+    def attach(self, sink: ChannelSink) -> KernelMessage | None:
+        """Make ``sink`` the session's socket; return a notice of lost messages for it to send first, if any."""
+        if self.sink is not None and self.sink is not sink:
+            self.sink.end("replaced by a newer connection with the same session_id")
+        self.sink = sink
+        self.detached_at = None
+        if not self._dropped:
+            return None
+        limits = self.bridge.limits
+        text = (f"[gateway] {self._dropped} messages were dropped while this client was disconnected or reading "
+                f"too slowly (output kept for clients: up to {limits.kernel_bytes // 2**20} MiB and "
+                f"{limits.max_messages} messages per kernel, {limits.total_bytes // 2**20} MiB in all).\n")
+        self._dropped = 0
+        return gateway_message("iopub", "stream", {"name": "stderr", "text": text})
+
+    def detach(self, sink: ChannelSink) -> None:
+        """Called when ``sink`` closed; a newer socket that took over is left alone."""
+        if self.sink is not sink:
+            return
+        self.sink = None
+        self.detached_at = time.monotonic()
+        if not self.retain:  # nobody can come back to an unnamed session
+            self.bridge.drop_session(self.session_id)
+        else:
+            self.bridge.cap_detached()
+
+    def send(self, channel: str, parts: list[bytes]) -> None:
+        """Sign ``parts`` and send them to the kernel on ``channel``.
+
+        A shell request over the kernel's bound of requests in flight is not sent: it is answered
+        with an error reply (and, for execute, an error output) instead. Why not queue it: a notebook
+        sends one request per cell it runs, far below the bound, so requests past it come from a
+        runaway loop; ipykernel 7 wedges its shell for good under such a flood (both shell threads
+        block in a ZMQ send), and a gateway queue would only move the unbounded growth here and put
+        the user's next cell behind thousands of junk requests. An error reply settles the client's
+        request like any kernel error, and the connection and the kernel stay usable.
+        """
+        if channel == "shell":
+            header = json.loads(parts[0])
+            msg_type = header.get("msg_type", "")
+            if msg_type.endswith("_request") and not self.bridge.start_request():
+                self._refuse(header)
+                return
+        signature = self.bridge.signer.sign(parts)
+        self.bridge.touch()
+        self._sockets[channel].send_multipart([DELIMITER, signature, *parts], copy=False)
+
+    def _refuse(self, request: dict[str, Any]) -> None:
+        limit = self.bridge.limits.requests_in_flight
+        evalue = (f"the kernel already has {limit} requests waiting for replies (the gateway's limit); "
+                  "this request was not sent. Wait for the running ones or interrupt the kernel, then retry.")
+        error = {"status": "error", "ename": "TooManyRequests", "evalue": evalue, "traceback": [f"TooManyRequests: {evalue}"]}
+        msg_type = request.get("msg_type", "")
+        replies = []  # no busy status: clients need only the reply and the idle status to settle a request
+        if msg_type == "execute_request":
+            replies.append(gateway_message("iopub", "error", {k: v for k, v in error.items() if k != "status"}, request))
+            error["execution_count"] = None
+        replies.append(gateway_message("shell", msg_type[: -len("_request")] + "_reply", error, request))
+        replies.append(gateway_message("iopub", "status", {"execution_state": "idle"}, request))
+        for msg in replies:
+            self.bridge.backlog.append(msg, self.session_id)
+        if self.sink is not None:
+            self.sink.wake()
+
+    def reconnect(self) -> None:
+        """Reopen the sockets towards new connection info; the attached client and the cursor stay."""
+        self._close_sockets()
+        self.open()
+
+    def _close_sockets(self) -> None:
+        for task in self._readers:
+            task.cancel()
+        for sock in self._sockets.values():
+            sock.close()
+        self._readers.clear()
+        self._sockets.clear()
+
+    def close(self, reason: str = "") -> None:
+        """Close the sockets; an attached client is disconnected with ``reason``."""
+        if self.sink is not None and reason:
+            self.sink.end(reason)
+        self.sink = None
+        self.retain = False
+        self._close_sockets()
+
+
+def gateway_message(channel: str, msg_type: str, content: dict[str, Any], parent: dict | None = None) -> KernelMessage:
+    """A message the gateway itself sends to clients (synthetic status, notices, refusals)."""
+    parts = make_message_parts(msg_type, content, "gateway", parent)
+    return KernelMessage(channel, parts, json.loads(parts[0]))
