@@ -6,6 +6,7 @@ import asyncio
 import errno
 import logging
 import os
+import resource
 import secrets
 import signal
 import sys
@@ -13,23 +14,24 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.provisioning import KernelProvisionerFactory
 from jupyter_core.paths import jupyter_config_path
-from tornado import httpserver
-from traitlets import Bool, CaselessStrEnum, Integer, TraitError, Type, Unicode, default, validate
+from traitlets import Bool, CaselessStrEnum, Float, Integer, List, TraitError, Type, Unicode, default, validate
 from traitlets.config import Application
 
 from provisioners.eg_compat import CompatKernelSpecManager, EnterpriseGatewaySpecError
-from provisioners.envconfig import EnvConfigurable, env_name, env_source, env_value
+from provisioners.envconfig import EnvConfigurable
 from provisioners.ports import PortRangeOption
 from provisioners.handshake import ResponseListener
 
 from . import __version__
+from .connections import CHANNELS_WEIGHT, GatewayHTTPServer, default_max_connections, raise_descriptor_limit
 from .kernels import KernelCuller, KernelRegistry
 from .logs import configure_logging, log_request
 from .policy import GatewayPolicy
 from .sessions import SessionStore
+from .startup_checks import validate_all, validate_kernelspecs
 from .web import make_application
 
 __all__ = ["GatewayApp", "main"]
@@ -70,18 +72,6 @@ class ServerState:
     """What ``/readyz`` reports: starting, ready or stopping."""
 
     phase: str = "starting"
-
-
-def validate_all(configurable: Any) -> None:
-    """Check every option now (defaults read from the environment included), not mid-request."""
-    for name in configurable.trait_names(config=True):
-        value = getattr(configurable, name)
-        try:
-            setattr(configurable, name, value)  # assignment runs the @validate checks a default skips
-        except TraitError as exc:
-            env = env_name(configurable.traits()[name])
-            source = f" (from {env_source(env)})" if env and env_value(env) is not None else ""
-            raise TraitError(f"{type(configurable).__name__}.{name}{source}: {exc}") from None
 
 
 def _provisioner_classes() -> list[type]:
@@ -144,6 +134,22 @@ class GatewayApp(EnvConfigurable, Application):
         help="Origins allowed for CORS and websockets besides the gateway's own: '*' or a comma-separated "
         "list; empty allows same-origin and origin-less clients only.",
     ).tag(env="GATEWAY_ALLOW_ORIGIN")
+    allowed_hosts = List(
+        Unicode(),
+        config=True,
+        help="Host names clients may use to reach kernel websockets when allow_unauthenticated_channels is on, "
+        "besides IP addresses, localhost and the ip option (a DNS-rebinding page names its own host, so it is "
+        "refused); '*' allows any. Empty: only those.",
+    ).tag(env="GATEWAY_ALLOWED_HOSTS")
+
+    @validate("allowed_hosts")
+    def _host_names(self, proposal: dict[str, Any]) -> list[str]:
+        names = [name.strip().lower() for name in proposal["value"] if name.strip()]
+        bad = [name for name in names if "/" in name or ":" in name or " " in name]
+        if bad:
+            raise TraitError(f"allowed_hosts takes bare host names (no scheme, port or path), not {bad}")
+        return names
+
     max_body_size = Integer(
         1024 * 1024,
         config=True,
@@ -154,6 +160,29 @@ class GatewayApp(EnvConfigurable, Application):
         config=True,
         help="Seconds between websocket pings that keep idle connections open through proxies; 0 disables.",
     ).tag(env="GATEWAY_WS_PING_INTERVAL")
+    idle_connection_timeout = Float(
+        60.0,
+        config=True,
+        help="Seconds a connection may wait for a request's headers, and then for its body, each in total (a "
+        "client trickling bytes is cut at the deadline); also how long an idle keep-alive connection stays open. "
+        "Must be more than 0.",
+    ).tag(env="GATEWAY_IDLE_CONNECTION_TIMEOUT")
+    max_connections = Integer(
+        0,
+        config=True,
+        help=f"Descriptors client connections may hold at once: 1 per HTTP connection, {CHANNELS_WEIGHT} per kernel "
+        "websocket (its socket and its three ZMQ sockets); websockets may not take the last 1/16, kept for plain "
+        "requests such as /healthz. At the cap the oldest connection waiting for a request is closed to make room, "
+        "or the new one is answered 503. 0: the open-file limit minus a reserve for kernels (a quarter, at least 64). "
+        "Else from 32 to the hard open-file limit.",
+    ).tag(env="GATEWAY_MAX_CONNECTIONS")
+    max_connections_per_peer = Integer(
+        256,
+        config=True,
+        help="Connections one client address may hold at once; beyond it that address's oldest connection waiting "
+        "for a request is closed, or the new one is answered 503. Raise it when all clients arrive through one "
+        "proxy. 0: no per-address cap.",
+    ).tag(env="GATEWAY_MAX_CONNECTIONS_PER_PEER")
     legacy_binary_frames = CaselessStrEnum(
         ["auto", "always", "never"],
         "auto",
@@ -203,6 +232,26 @@ class GatewayApp(EnvConfigurable, Application):
             raise TraitError(f"max_body_size must be at least 1024 bytes, not {proposal['value']}")
         return proposal["value"]
 
+    @validate("idle_connection_timeout")
+    def _positive_timeout(self, proposal: dict[str, Any]) -> float:
+        if not proposal["value"] > 0:
+            raise TraitError(f"idle_connection_timeout must be more than 0 seconds, not {proposal['value']}")
+        return proposal["value"]
+
+    @validate("max_connections")
+    def _connections_within_limit(self, proposal: dict[str, Any]) -> int:
+        value, hard = proposal["value"], resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        if value and (value < 32 or (hard != resource.RLIM_INFINITY and value > hard)):
+            raise TraitError(f"max_connections must be 0 (derived from the open-file limit) or between 32 and the "
+                             f"hard open-file limit {hard}, not {value}")
+        return value
+
+    @validate("max_connections_per_peer")
+    def _non_negative_cap(self, proposal: dict[str, Any]) -> int:
+        if proposal["value"] < 0:
+            raise TraitError(f"max_connections_per_peer must be 0 (no cap) or more, not {proposal['value']}")
+        return proposal["value"]
+
     @property
     def classes(self) -> list[type]:  # type: ignore[override]
         return [GatewayApp, GatewayPolicy, KernelRegistry, KernelCuller, CompatKernelSpecManager, ResponseListener,
@@ -241,7 +290,7 @@ class GatewayApp(EnvConfigurable, Application):
         self.sessions = SessionStore(self.registry)
         for configurable in (self.policy, self.registry, self.culler):
             validate_all(configurable)
-        self._validate_kernelspecs()
+        validate_kernelspecs(self.kernel_spec_manager, self.registry)
 
     def _share_options(self) -> None:
         """Hand gateway-wide settings to the provisioner options that mean the same, unless those are set."""
@@ -270,37 +319,6 @@ class GatewayApp(EnvConfigurable, Application):
         if self.cli_config:
             self.update_config(self.cli_config)
 
-    def _validate_kernelspecs(self) -> None:
-        """Every kernelspec's provisioner must exist and accept its config; the default spec must exist."""
-        specs = self.kernel_spec_manager.find_kernel_specs()
-        if self.registry.default_kernel_name not in specs:
-            raise TraitError(
-                f"default kernel {self.registry.default_kernel_name!r} is not installed; installed: {sorted(specs) or 'none'}"
-            )
-        factory = KernelProvisionerFactory.instance(parent=self.registry)
-        for name in sorted(specs):
-            try:
-                spec = self.kernel_spec_manager.get_kernel_spec(name)
-            except NoSuchKernel:
-                # jupyter_client hides a spec whose provisioner is not installed
-                raise TraitError(f"kernelspec {name!r} names a provisioner that is not installed; installed: "
-                                 f"{', '.join(e.name for e in KernelProvisionerFactory._get_all_provisioners())}") from None
-            provisioner = (spec.metadata or {}).get("kernel_provisioner", {}).get("provisioner_name") or (
-                factory.default_provisioner_name
-            )
-            if not factory.is_provisioner_available(spec):
-                raise TraitError(f"kernelspec {name!r} names provisioner {provisioner!r}, which is not installed")
-            try:
-                instance = factory.create_provisioner_instance("config-check", spec, self.registry)
-                validate_all(instance)
-            except TraitError as exc:
-                raise TraitError(f"kernelspec {name!r} ({provisioner}): {exc}") from None
-            config = (spec.metadata or {}).get("kernel_provisioner", {}).get("config", {})
-            unknown = sorted(set(config) - set(instance.trait_names(config=True)))
-            if unknown:  # traitlets would ignore a misspelt option without a word
-                raise TraitError(f"kernelspec {name!r} ({provisioner}): unknown option(s) {', '.join(unknown)}; "
-                                 f"known: {', '.join(sorted(instance.trait_names(config=True)))}")
-
     # -- serving -------------------------------------------------------------------------------
     def web_app(self, state: ServerState) -> Any:
         """The tornado application with every route under ``base_url``."""
@@ -308,6 +326,7 @@ class GatewayApp(EnvConfigurable, Application):
             "auth_token": "" if self.allow_unauthenticated_access else self.auth_token,
             "allow_unauthenticated_channels": self.allow_unauthenticated_channels,
             "allow_origin": self.allow_origin,
+            "allowed_hosts": [self.ip.lower(), *self.allowed_hosts],
             "legacy_binary_frames": self.legacy_binary_frames.lower(),
             "max_body_size": self.max_body_size,
             "registry": self.registry,
@@ -333,8 +352,14 @@ class GatewayApp(EnvConfigurable, Application):
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        descriptor_limit = raise_descriptor_limit()
+        max_connections = self.max_connections or default_max_connections(descriptor_limit)
         # bodies over max_body_size are answered 413 by the handlers; this hard cap only bounds what is read
-        server = httpserver.HTTPServer(self.web_app(state), max_body_size=16 * self.max_body_size, xheaders=False)
+        server = GatewayHTTPServer(
+            self.web_app(state), max_body_size=16 * self.max_body_size, xheaders=False,
+            idle_connection_timeout=self.idle_connection_timeout, body_timeout=self.idle_connection_timeout,
+            max_connections=max_connections, max_connections_per_peer=self.max_connections_per_peer,
+        )
         try:
             server.listen(self.port, self.ip)
         except OSError as exc:

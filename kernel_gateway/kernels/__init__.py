@@ -1,6 +1,7 @@
 """Kernel lifecycle: the registry of running kernels, their activity, and culling."""
 
 from .culling import KernelCuller
-from .registry import KernelRegistry, ManagedKernel
+from .managed import ManagedKernel
+from .registry import KernelRegistry
 
 __all__ = ["KernelCuller", "KernelRegistry", "ManagedKernel"]

@@ -8,12 +8,10 @@ and ``provisioners.errors``; it knows nothing of HTTP.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
 import uuid
-from datetime import datetime, timezone
 from typing import Any
 
 import zmq.asyncio
@@ -21,15 +19,16 @@ from jupyter_client.ioloop import AsyncIOLoopKernelManager
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_core.paths import jupyter_runtime_dir
-from traitlets import Float, Instance, Integer, Type, Unicode
+from traitlets import Float, Instance, Integer, TraitError, Type, Unicode, default, validate
 
 from provisioners.envconfig import EnvConfigurable
 from provisioners.errors import LaunchError, LaunchTimeoutError, ProvisionerError
 
-from ..bridge import KernelBridge, KernelMessage
-from ..bridge.channels import UNTRACKED_PARENTS
+from ..bridge import BridgeLimits, KernelBridge
 from ..errors import ConflictError, NotReadyError, UnknownKernelError, UnknownKernelSpecError
 from ..policy import GatewayPolicy
+from ._connection_files import ConnectionFiles
+from .managed import ManagedKernel, ManagerLog
 
 __all__ = ["KernelRegistry", "ManagedKernel"]
 
@@ -50,61 +49,6 @@ async def _diagnostics(km: AsyncKernelManager) -> str:
         return ""
 
 
-def iso_utc(stamp: float) -> str:
-    """Format like jupyter_server expects: ``%Y-%m-%dT%H:%M:%S.%fZ``."""
-    return datetime.fromtimestamp(stamp, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-class ManagedKernel:
-    """One kernel: its jupyter_client manager, websocket bridge, owner and activity."""
-
-    def __init__(self, kernel_id: str, name: str, user: str, km: AsyncKernelManager) -> None:
-        self.kernel_id = kernel_id
-        self.name = name
-        self.user = user
-        self.km = km
-        self.bridge: KernelBridge | None = None
-        self.execution_state = "starting"
-        self.busy_since: float | None = None
-        self.log = logging.LoggerAdapter(log, {"kernel_id": kernel_id})
-        self.lock = asyncio.Lock()  # one lifecycle action (restart, shutdown) at a time
-
-    @property
-    def last_activity(self) -> float:
-        return self.bridge.last_activity if self.bridge else time.time()
-
-    @property
-    def connections(self) -> int:
-        return self.bridge.connections if self.bridge else 0
-
-    def model(self) -> dict[str, Any]:
-        """The kernel model as Jupyter clients parse it."""
-        return {
-            "id": self.kernel_id,
-            "name": self.name,
-            "last_activity": iso_utc(self.last_activity),
-            "execution_state": self.execution_state,
-            "connections": self.connections,
-        }
-
-    def on_iopub(self, msg: KernelMessage) -> None:
-        """Track ``execution_state`` from status messages about user requests."""
-        if msg.msg_type != "status":
-            return
-        try:
-            parent_type = json.loads(msg.parts[1]).get("msg_type", "")
-            state = json.loads(msg.parts[3]).get("execution_state", "")
-        except (ValueError, AttributeError):
-            return
-        if parent_type in UNTRACKED_PARENTS and self.execution_state != "starting":
-            return
-        if state == "starting":
-            return
-        if state in ("idle", "busy"):
-            self.execution_state = state
-            self.busy_since = time.time() if state == "busy" else None
-
-
 class KernelRegistry(EnvConfigurable):
     """All kernels of this gateway, keyed by id."""
 
@@ -122,9 +66,42 @@ class KernelRegistry(EnvConfigurable):
     buffer_max_messages = Integer(
         100_000,
         config=True,
-        help="Messages kept per session while its client is disconnected; beyond it the oldest are dropped "
-        "and the client is told how many on reconnect.",
+        help="Messages kept per kernel for clients that read slowly or are disconnected (with a session_id to "
+        "come back to); beyond it the slowest client skips its oldest and is told how many on reconnect. "
+        "0: no limit.",
     ).tag(env="GATEWAY_BUFFER_MAX_MESSAGES")
+    buffer_max_bytes_per_kernel = Integer(
+        64 * 2**20,
+        config=True,
+        help="Bytes of output kept per kernel for clients that read slowly or are disconnected (one copy, shared "
+        "by all its clients); beyond it the slowest client skips its oldest messages, and if it is connected it "
+        "is closed (code 1013) so it reconnects with its session_id. Default 64 MiB; 0: no limit.",
+    ).tag(env="GATEWAY_BUFFER_MAX_BYTES_PER_KERNEL")
+    buffer_max_bytes = Integer(
+        512 * 2**20,
+        config=True,
+        help="Bytes of output kept for clients across all kernels; beyond it the client furthest behind, on any "
+        "kernel, is treated as for buffer_max_bytes_per_kernel. Default 512 MiB; 0: no limit.",
+    ).tag(env="GATEWAY_BUFFER_MAX_BYTES")
+    max_detached_sessions_per_kernel = Integer(
+        50,
+        config=True,
+        help="Disconnected client sessions (with a session_id) kept per kernel for their clients' return; each "
+        "holds three ZMQ sockets. Beyond it the oldest is discarded. 0: no limit.",
+    ).tag(env="GATEWAY_MAX_DETACHED_SESSIONS_PER_KERNEL")
+    max_detached_sessions = Integer(
+        500,
+        config=True,
+        help="Disconnected client sessions kept across all kernels; beyond it the oldest is discarded. 0: no limit.",
+    ).tag(env="GATEWAY_MAX_DETACHED_SESSIONS")
+    max_requests_in_flight = Integer(
+        1000,
+        config=True,
+        help="Shell requests per kernel sent from websockets and not yet answered; more are answered with an "
+        "error reply (TooManyRequests) instead of being sent, since a flood wedges ipykernel 7's shell. "
+        "0: no limit.",
+    ).tag(env="GATEWAY_MAX_REQUESTS_IN_FLIGHT")
+    bridge_limits = Instance(BridgeLimits, help="The limits every kernel's websocket bridge shares.")
     detached_session_timeout = Float(
         600.0,
         config=True,
@@ -136,6 +113,24 @@ class KernelRegistry(EnvConfigurable):
         help="Seconds a kernel gets to exit after shutdown_request before it is killed.",
     ).tag(env="GATEWAY_SHUTDOWN_TIMEOUT")
 
+    @validate("buffer_max_messages", "buffer_max_bytes_per_kernel", "buffer_max_bytes",
+              "max_detached_sessions_per_kernel", "max_detached_sessions", "max_requests_in_flight")
+    def _not_negative(self, proposal: dict[str, Any]) -> int:
+        if proposal["value"] < 0:
+            raise TraitError(f"{proposal['trait'].name} must be 0 (no limit) or more, not {proposal['value']}")
+        return proposal["value"]
+
+    @default("bridge_limits")
+    def _bridge_limits_default(self) -> BridgeLimits:
+        return BridgeLimits(
+            kernel_bytes=self.buffer_max_bytes_per_kernel,
+            total_bytes=self.buffer_max_bytes,
+            max_messages=self.buffer_max_messages,
+            detached_per_kernel=self.max_detached_sessions_per_kernel,
+            detached_total=self.max_detached_sessions,
+            requests_in_flight=self.max_requests_in_flight,
+        )
+
     policy = Instance(GatewayPolicy)
     kernel_spec_manager = Instance(KernelSpecManager)
 
@@ -146,10 +141,16 @@ class KernelRegistry(EnvConfigurable):
         self._context: zmq.asyncio.Context | None = None
         self._expiry: asyncio.Task | None = None
         self._stopping = False
+        self._connection_files = ConnectionFiles(jupyter_runtime_dir())
 
     async def start(self) -> None:
-        """Open the ZMQ context and the task that expires detached sessions. Called by the app."""
+        """Open the ZMQ context and the task that expires detached sessions. Called by the app.
+
+        Also removes the connection files a killed gateway left in the runtime dir (see ``_connection_files``).
+        """
         os.makedirs(jupyter_runtime_dir(), mode=0o700, exist_ok=True)
+        self._connection_files.open()
+        await self._connection_files.sweep()
         self._context = zmq.asyncio.Context()
         self._expiry = asyncio.create_task(self._expire_sessions())
 
@@ -172,6 +173,7 @@ class KernelRegistry(EnvConfigurable):
         await asyncio.gather(*(self.shutdown(kid) for kid in list(self.kernels)), return_exceptions=True)
         if self._context is not None:
             self._context.destroy(linger=0)
+        self._connection_files.close()
 
     # -- lookups -------------------------------------------------------------------------------
     def get(self, kernel_id: str) -> ManagedKernel:
@@ -214,10 +216,10 @@ class KernelRegistry(EnvConfigurable):
             parent=self,
             kernel_name=name,
             kernel_spec_manager=self.kernel_spec_manager,
-            connection_file=os.path.join(jupyter_runtime_dir(), f"kernel-{kernel_id}.json"),
+            connection_file=self._connection_files.path_for(kernel_id),
             shutdown_wait_time=self.shutdown_timeout,
             context=self._context,  # one ZMQ context (and I/O thread) for all kernels, not one each
-            log=logging.LoggerAdapter(logging.getLogger("kernel_gateway.kernels"), {"kernel_id": kernel_id}),
+            log=ManagerLog(log, {"kernel_id": kernel_id}),
         )
         kernel = ManagedKernel(kernel_id, name, user, km)
         self._starting[kernel_id] = kernel
@@ -245,7 +247,7 @@ class KernelRegistry(EnvConfigurable):
                 km.get_connection_info(session=False),
                 self._context,
                 kernel.on_iopub,
-                self.buffer_max_messages,
+                self.bridge_limits,
             )
             kernel.bridge.start()
             await kernel.bridge.wait_ready(max(deadline - time.monotonic(), 0.1), km.is_alive)

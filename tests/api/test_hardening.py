@@ -48,6 +48,8 @@ def hgw(tmp_path_factory):
     write_spec(jpath, "files", ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
                files={"kernel.js": b"// js\n"})
     write_spec(jpath, "noisy", NOISY_ARGV)
+    write_spec(jpath, "missing", ["/nonexistent/kgw-kernel", "-f", "{connection_file}"])
+    write_spec(jpath, "exits", ["python", "-c", "raise SystemExit(7)", "{connection_file}"])
     server = start_gateway(f"--GatewayApp.allow_origin={ORIGIN}", "--GatewayPolicy.identity_header=X-Forwarded-User",
                            tmp_path=tmp,
                            env={"JUPYTER_PATH": str(jpath), "JUPYTER_RUNTIME_DIR": str(tmp / "runtime")})
@@ -281,6 +283,16 @@ def test_kernel_output_with_control_characters_is_escaped_in_the_log(hgw):
     log = hgw.log()
     assert "kgw-noisy\\x1b[31m red\\r[E 00:00:00.000 forged] line" in log
     assert "\x1b" not in log and "\r" not in log
+    no_traceback(hgw)
+
+
+@pytest.mark.parametrize("name, status", [("missing", 502), ("exits", 502)])
+def test_kernel_that_fails_to_start_is_logged_without_a_traceback(hgw, name, status):
+    """A kernel whose program is missing or exits at once: an error answer, one warning line, no traceback."""
+    before = kernel_ids(hgw)
+    body = assert_error(call(hgw, "POST", "/api/kernels", {"name": name}), status)
+    assert name in body["message"], body
+    assert kernel_ids(hgw) == before
     no_traceback(hgw)
 
 

@@ -339,7 +339,6 @@ async def test_a_forged_ack_is_not_taken_for_one(listener):
     token = listener.register(kid)
     genuine = launcher.encrypt_payload(payload(kid, token), kid, listener.public_key)
     assert await exchange(listener.port, genuine[0]) == genuine[1]
-    impostor_key = base64.b64encode(X25519PrivateKey.generate().public_key().public_bytes_raw()).decode()
     for forged in (b"KGA1" + os.urandom(32), genuine[1]):  # random, and a real ack replayed from another report
         attempts: list[bytes] = []
 
