@@ -1,17 +1,19 @@
 # The kernel gateway image.
 #
-#   docker build --network host -t kgw-gateway:dev .
+#   docker build -t kgw-gateway:dev .
 #   docker run -d -p 127.0.0.1:8888:8888 -e GATEWAY_AUTH_TOKEN=... kgw-gateway:dev
 #
-# BASE must be a Debian-like image with python3 (with venv), useradd and /usr/bin/tini; the default,
-# kgw-base:bookworm, is made without a registry by tests/services/base_image.sh.
-# `--network host` lets pip reach PyPI exactly as the host does (optional elsewhere).
+# BASE (default: the official python:3.11-slim-bookworm) must be Debian bookworm or later with apt,
+# python3 >= 3.11 (with venv), useradd and CA certificates; tini comes from apt below. Without a
+# registry, tests/services/base_image.sh makes such a base (kgw-base:bookworm): pass it with
+# `--build-arg BASE=kgw-base:bookworm`, and `--network host` so apt and pip reach their mirrors as
+# the host does.
 #
 # Configuration is by environment only: every option has a GATEWAY_* variable
 # (`kernel-gateway config-reference` lists them). The command only makes it listen on 0.0.0.0.
 # To start Docker kernels, mount /var/run/docker.sock and add its group (`--group-add <gid>`);
 # see docker-compose.yml and deploy/swarm-stack.yml.
-ARG BASE=kgw-base:bookworm
+ARG BASE=python:3.11-slim-bookworm
 
 # ---- builder: a wheel of this repository, and the list of its runtime requirements
 FROM ${BASE} AS builder
@@ -36,6 +38,12 @@ ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
     PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1 \
     PATH=/opt/gateway/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+
+# tini as PID 1 (forwards signals, reaps children): Debian's package, as Python's images have none.
+RUN apt-get update -qq \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends tini >/dev/null \
+ && rm -rf /var/lib/apt/lists/* \
+ && /usr/bin/tini --version
 
 # Dependencies first: this layer is reused until pyproject.toml's requirements change.
 COPY --from=builder /src/requirements.txt /tmp/requirements.txt

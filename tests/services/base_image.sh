@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # Build the base image of every kernel-gateway image without any image registry:
 #
-#   debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates,tini \
+#   debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates \
 #       bookworm <rootfs> <this machine's Debian mirror>
 #   tar -C <rootfs> -c . | docker import - kgw-base:bookworm
+#
+# It stands in for the Dockerfiles' default base, the official python:3.11-slim-bookworm, and offers
+# what that image offers, no more: Debian bookworm with apt (sources set, below), python3 3.11 with
+# venv and pip, CA certificates, useradd. So the same Dockerfiles build on both, with
+# `--build-arg BASE=kgw-base:bookworm`; like the official image it has no tini, which the
+# Dockerfiles install with apt.
 #
 # The mirror is the one apt on this machine uses (/etc/apt/sources.list and sources.list.d), so it is
 # reachable wherever apt-get is. The host's CA bundle (/etc/ssl/certs/ca-certificates.crt) goes into
 # the rootfs, and its certificates that Debian's bundle lacks go into
 # /usr/local/share/ca-certificates, so pip in derived builds (and update-ca-certificates there) trust
-# what the host trusts. tini is included as the images' init (PID 1 reaps and forwards signals).
+# what the host trusts.
 #
 # The rootfs tarball is cached under ${KGW_CACHE_DIR:-/var/cache/kgw}, named by a hash of this
 # script, the suite, the package list, the mirror and the CA bundle; the image carries the same
@@ -23,7 +29,7 @@ FORCE=0
 if [[ "${1:-}" == "--force" ]]; then FORCE=1; shift; fi
 TAG="${1:-kgw-base:bookworm}"
 SUITE=bookworm
-INCLUDE=python3,python3-venv,python3-pip,ca-certificates,tini
+INCLUDE=python3,python3-venv,python3-pip,ca-certificates
 CACHE="${KGW_CACHE_DIR:-/var/cache/kgw}"
 HOST_CA=/etc/ssl/certs/ca-certificates.crt
 LABEL=kernel_gateway.inputs-hash

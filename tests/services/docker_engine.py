@@ -7,7 +7,9 @@
 * :func:`ensure_swarm` makes this engine a single-node Swarm manager (``--advertise-addr 127.0.0.1``).
 * :func:`build_images` builds, once, the base image (``tests/services/base_image.sh``: debootstrap,
   no registry), the Python kernel image (``launchers/images/python/Dockerfile``) and the gateway image
-  (``Dockerfile``). Each image carries the label :data:`HASH_LABEL`, a hash of its inputs; an image
+  (``Dockerfile``). The Dockerfiles default to the official ``python:3.11-slim-bookworm``; the tests
+  pass the local base instead (``--build-arg BASE=kgw-base:bookworm``), which offers what that image
+  offers. Each image carries the label :data:`HASH_LABEL`, a hash of its inputs; an image
   whose label matches is not rebuilt. Builds use the host network (``--network host``), so the
   containers' ``pip`` reaches PyPI exactly as the host does.
 

@@ -42,7 +42,7 @@ print(sorted(ports))
 
 def interrupt_busy_loop(gw, ws, kid):
     msg_id = ws.execute("while True:\n    pass")
-    wait_until(lambda: call(gw, "GET", f"/api/kernels/{kid}")[1]["execution_state"] == "busy", 20, what="busy")
+    wait_until(lambda: call(gw, "GET", f"/api/kernels/{kid}")[1]["execution_state"] == "busy", 60, what="busy")
     assert call(gw, "POST", f"/api/kernels/{kid}/interrupt")[0] == 204
     assert any(m["msg_type"] == "error" and m["content"]["ename"] == "KeyboardInterrupt"
                for m in ws.collect(msg_id, timeout=20))
@@ -80,7 +80,7 @@ def test_container_lifecycle_and_ports(tmp_path, docker_client, images, instance
         [restarted] = containers_of(docker_client, instance)
         assert restarted.id != container.id, "restart should run a fresh container"
         assert call(gw, "DELETE", f"/api/kernels/{kid}")[0] == 204
-        wait_until(lambda: not containers_of(docker_client, instance), 20, what="no container left after shutdown")
+        wait_until(lambda: not containers_of(docker_client, instance), 60, what="no container left after shutdown")
     finally:
         gw.stop()
 
@@ -114,7 +114,7 @@ def test_container_that_exits_during_launch_fails_fast(tmp_path, docker_client, 
         assert status == 502, body
         assert "exited with status 3" in body["message"] and "launcher-boom" in body["message"], body
         assert elapsed < 15, f"took {elapsed:.1f}s: the exit should be noticed, not timed out"
-        wait_until(lambda: not containers_of(docker_client, instance), 20, what="failed container removed")
+        wait_until(lambda: not containers_of(docker_client, instance), 60, what="failed container removed")
     finally:
         gw.stop()
 
@@ -127,21 +127,21 @@ def test_crash_restarts_and_sigkill_leftovers_are_reaped(tmp_path, docker_client
             [container] = containers_of(docker_client, instance)
             container.kill()
             wait_until(lambda: (lambda m: m["msg_type"] == "status" and m["content"]["execution_state"] == "restarting")(
-                ws.recv(20)), 20, what="clients told the kernel is restarting")
+                ws.recv(60)), 60, what="clients told the kernel is restarting")
             wait_until(lambda: call(gw, "GET", f"/api/kernels/{kid}")[1]["execution_state"] == "idle", 60,
                        what="kernel back after the crash")
             assert ws.run("print('back')", 60)[0].strip() == "back"
-        wait_until(lambda: len(containers_of(docker_client, instance)) == 1, 20, what="exactly one container")
+        wait_until(lambda: len(containers_of(docker_client, instance)) == 1, 60, what="exactly one container")
         gw.stop(signal.SIGKILL)
         assert len(containers_of(docker_client, instance)) == 1  # the orphan a killed gateway leaves
         again = docker_gateway(tmp_path / "again", images, instance)
         try:
             kid2 = start_kernel(again, "container")
             wait_until(lambda: [c.labels["kernel_gateway.kernel_id"] for c in containers_of(docker_client, instance)] == [kid2],
-                       20, what="the earlier run's container removed")
+                       60, what="the earlier run's container removed")
         finally:
             again.stop()
-        wait_until(lambda: not containers_of(docker_client, instance), 20, what="nothing left")
+        wait_until(lambda: not containers_of(docker_client, instance), 60, what="nothing left")
     finally:
         gw.stop()
 

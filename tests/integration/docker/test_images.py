@@ -38,6 +38,8 @@ PREFIX = "/usr/local/share/kernel-gateway"
 FOREIGN_TAG = "kgw-test-foreign-kernel:dev"
 KERNEL_PORTS = "43100..43199"
 LABEL_VALUE = "test_images"
+#: The Dockerfiles' default BASE; the tests build on kgw-base:bookworm, which must offer the same.
+OFFICIAL_BASE = "python:3.11-slim-bookworm"
 # An image that is not ours: the base with only python3 + pip, our wheel installed with pip, then
 # image-bootstrap (as one would on top of a Jupyter docker-stacks image).
 FOREIGN_DOCKERFILE = """\
@@ -100,6 +102,19 @@ def test_deployment_files_use_real_variables(path):
     used = {name for name in gateway["environment"] if name.startswith("GATEWAY_")}
     assert used and used <= known, f"{path} sets variables the gateway does not have: {sorted(used - known)}"
     assert gateway["user"].startswith("1000:") and "/var/run/docker.sock" in str(gateway["volumes"])
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "launchers/images/python/Dockerfile"])
+def test_dockerfiles_build_on_the_official_python_image_by_default(dockerfile):
+    """`docker build .` works with a registry: BASE defaults to Python's official image, every stage is
+    built on BASE, and tini (the entry point, absent from that image) is installed with apt."""
+    import re
+
+    text = (REPO / dockerfile).read_text()
+    assert re.findall(r"^ARG BASE=(\S+)$", text, re.M) == [OFFICIAL_BASE]
+    assert set(re.findall(r"^FROM (\S+)", text, re.M)) == {"${BASE}"}
+    assert re.search(r"^RUN apt-get update .*apt-get install [^\n]*\btini\b", text, re.M | re.S)
+    assert 'ENTRYPOINT ["/usr/bin/tini", "--"]' in text
 
 
 def test_bootstrap_script_is_packaged():
@@ -176,6 +191,25 @@ def foreign_image(engine, built, tmp_path_factory) -> str:
         shutil.rmtree(src)
         (context / "Dockerfile").write_text(FOREIGN_DOCKERFILE)
     return build_image(engine, FOREIGN_TAG, context, "Dockerfile", digest, buildargs={"BASE": built["base"]})
+
+
+@pytest.mark.cluster
+def test_local_base_offers_what_the_official_image_offers(built, run):
+    """kgw-base stands in for python:3.11-slim-bookworm: Python 3.11 with venv and pip, CA certificates,
+    useradd and apt with working sources; and, like it, no tini (so the Dockerfiles' apt step is the
+    one a registry build runs)."""
+    status, output = finished(run(built["base"], command=["sh", "-c", (
+        "python3 -c 'import sys; print(\"python\", *sys.version_info[:2])' && python3 -m venv /tmp/v"
+        " && /tmp/v/bin/pip --version >/dev/null && echo venv-pip-ok"
+        " && test -s /etc/ssl/certs/ca-certificates.crt && echo ca-ok"
+        " && command -v useradd && command -v apt-get && grep -h '^deb ' /etc/apt/sources.list"
+        " && if [ -e /usr/bin/tini ]; then echo tini-present; else echo no-tini; fi")]), timeout=120)
+    assert status == 0, output
+    lines = output.splitlines()
+    assert "python 3 11" in lines and "venv-pip-ok" in lines and "ca-ok" in lines, output
+    assert any(line.endswith("/useradd") for line in lines) and any(line.endswith("/apt-get") for line in lines)
+    assert any(" bookworm main" in line for line in lines), output
+    assert lines[-1] == "no-tini", output
 
 
 @pytest.mark.cluster
