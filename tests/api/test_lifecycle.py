@@ -296,9 +296,12 @@ def test_auto_restarted_kernel_keeps_its_ports_in_the_range(ranged):
     before = kernel_ports(ranged)[kid][0]
     pid = kernel_pid(ranged, kid)
     os.kill(pid, signal.SIGKILL)
-    new_pid = wait_until(lambda: (p := kernel_pid(ranged, kid)) and p != pid and p, 30, what="automatic restart")
-    wait_until(lambda: before <= listen_ports().get(new_pid, set()), 30, what="restarted kernel listening")
+    new_pid = wait_until(lambda: (p := kernel_pid(ranged, kid)) and p != pid and p, 60, what="automatic restart")
+    wait_until(lambda: before <= listen_ports().get(new_pid, set()), 60, what="restarted kernel listening")
     assert_kernel_ports_in_range(ranged)
+    # idle once the gateway has the new kernel's iopub: output sent before that could be missed
+    wait_until(lambda: call(ranged, "GET", f"/api/kernels/{kid}")[1]["execution_state"] == "idle", 60,
+               what="restarted kernel idle")
     with KernelWS(ranged, kid) as ws:
         assert ws.run("print('back')")[0] == "back\n"
 
@@ -321,14 +324,14 @@ def test_idle_kernels_are_culled_but_connected_ones_stay(start_gw):
     with KernelWS(gw, connected) as ws:
         witness = start_kernel(gw)
         witness_pid = kernel_pid(gw, witness)
-        wait_until(lambda: witness not in kernel_ids(gw), 20, what="idle witness kernel to be culled")
+        wait_until(lambda: witness not in kernel_ids(gw), 60, what="idle witness kernel to be culled")
         assert connected in kernel_ids(gw)
         assert call(gw, "GET", f"/api/kernels/{connected}")[1]["connections"] == 1
         assert ws.run("print('still here')")[0] == "still here\n"
-    wait_until(lambda: not alive(witness_pid), 15, what="culled kernel process to exit")
+    wait_until(lambda: not alive(witness_pid), 30, what="culled kernel process to exit")
     assert_error(call(gw, "GET", f"/api/kernels/{witness}"), 404)
     # once disconnected, the other kernel is culled too
-    wait_until(lambda: connected not in kernel_ids(gw), 20, what="disconnected kernel to be culled")
+    wait_until(lambda: connected not in kernel_ids(gw), 60, what="disconnected kernel to be culled")
     assert any(witness in line and "cull" in line for line in gw.log().splitlines()), gw.log()
 
 
@@ -348,7 +351,7 @@ def test_sigterm_stops_kernels_and_exits_zero(start_gw, tmp_path):
     finally:
         ws.ws.close(timeout=1)
     assert code == 0, gw.log()
-    wait_until(lambda: not alive(pid), 10, what="kernel process to exit")
+    wait_until(lambda: not alive(pid), 30, what="kernel process to exit")
     assert not list((tmp_path / "runtime").glob("kernel-*.json"))
 
 
@@ -367,7 +370,7 @@ def test_sigterm_while_a_kernel_is_starting(start_gw, tmp_path):
     thread = threading.Thread(target=post)
     thread.start()
     try:
-        wait_until(lambda: pgrep_f(marker), 10, what="sleeper kernel process")
+        wait_until(lambda: pgrep_f(marker), 30, what="sleeper kernel process")
         gw.proc.send_signal(signal.SIGTERM)
         code = gw.proc.wait(25)
         thread.join(30)
@@ -404,7 +407,7 @@ def logged(tmp_path_factory):
     assert call(gw, "POST", f"/api/kernels/{kid}/restart?{q}", auth=False)[0] == 200
     key2 = connection_info(tmp / "runtime", kid)["key"]
     assert call(gw, "DELETE", f"/api/kernels/{kid}?{q}", auth=False)[0] == 204
-    wait_until(lambda: f"DELETE /api/kernels/{kid}" in gw.log(), 10, what="DELETE in access log")
+    wait_until(lambda: f"DELETE /api/kernels/{kid}" in gw.log(), 30, what="DELETE in access log")
     gw.extra.update(kid=kid, keys={key, key2})
     yield gw
     gw.stop()
@@ -445,8 +448,8 @@ def auto_restarted(tmp_path_factory):
     kid = start_kernel(gw)
     pid = kernel_pid(gw, kid)
     os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: (p := kernel_pid(gw, kid)) and p != pid, 30, what="automatic restart")
-    wait_until(lambda: "restarting kernel" in gw.log(), 10, what="restart logged")
+    wait_until(lambda: (p := kernel_pid(gw, kid)) and p != pid, 60, what="automatic restart")
+    wait_until(lambda: "restarting kernel" in gw.log(), 30, what="restart logged")
     gw.extra["kid"] = kid
     yield gw
     call(gw, "DELETE", f"/api/kernels/{kid}")
@@ -463,13 +466,16 @@ def test_automatic_restart_log_lines_name_the_kernel(auto_restarted):
 
 def test_automatically_restarted_kernel_reports_idle(auto_restarted):
     kid = auto_restarted.extra["kid"]
-    wait_until(lambda: call(auto_restarted, "GET", f"/api/kernels/{kid}")[1]["execution_state"] == "idle", 5,
+    wait_until(lambda: call(auto_restarted, "GET", f"/api/kernels/{kid}")[1]["execution_state"] == "idle", 60,
                what="restarted kernel to report idle")
 
 
 def test_automatically_restarted_kernel_still_works(auto_restarted):
     # runs after the xfail tests above: executing code makes the kernel report idle again
     kid = auto_restarted.extra["kid"]
+    # idle once the gateway has the new kernel's iopub (also when this test runs alone)
+    wait_until(lambda: call(auto_restarted, "GET", f"/api/kernels/{kid}")[1]["execution_state"] == "idle", 60,
+               what="restarted kernel to report idle")
     with KernelWS(auto_restarted, kid) as ws:
         assert ws.run("print('alive again')")[0] == "alive again\n"
     assert kid in kernel_ids(auto_restarted)

@@ -127,14 +127,14 @@ def check_launch_timeout(gw, marker: str, env: dict, seconds: int) -> None:
     before = kernel_ids(gw)
     thread, result = post_in_background(gw, "sleeper", env)
     # the kernel process really was started ...
-    wait_until(lambda: pgrep_f(marker), 10, what="sleeper kernel process")
+    wait_until(lambda: pgrep_f(marker), 30, what="sleeper kernel process")
     thread.join(60)
     assert not thread.is_alive()
     body = assert_error(result["response"], 504, "sleeper", f"{seconds}s")
     assert body["reason"] == "Gateway Timeout"
     assert seconds - 0.5 <= result["elapsed"] < seconds + 10, result["elapsed"]
     # ... and is gone after the timeout, leaving nothing registered
-    wait_until(lambda: not pgrep_f(marker), 15, what="sleeper process to be killed")
+    wait_until(lambda: not pgrep_f(marker), 30, what="sleeper process to be killed")
     assert kernel_ids(gw) == before
 
 

@@ -195,7 +195,7 @@ def test_kernel_model_tracks_connections_and_activity(gw, kernel):
     _, before, _ = call(gw, "GET", f"/api/kernels/{kernel}")
     assert before["connections"] == 0
     with KernelWS(gw, kernel) as ws:
-        wait_until(lambda: call(gw, "GET", f"/api/kernels/{kernel}")[1]["connections"] == 1, 10,
+        wait_until(lambda: call(gw, "GET", f"/api/kernels/{kernel}")[1]["connections"] == 1, 30,
                    what="connections == 1")
         out, _ = ws.run("print('hi')")
         assert out == "hi\n"
@@ -203,14 +203,14 @@ def test_kernel_model_tracks_connections_and_activity(gw, kernel):
     check_kernel_model(during, kernel)
     assert during["execution_state"] == "idle"
     assert during["last_activity"] > before["last_activity"]
-    wait_until(lambda: call(gw, "GET", f"/api/kernels/{kernel}")[1]["connections"] == 0, 10,
+    wait_until(lambda: call(gw, "GET", f"/api/kernels/{kernel}")[1]["connections"] == 0, 30,
                what="connections back to 0")
 
 
 def test_interrupt(gw, kernel):
     with KernelWS(gw, kernel) as ws:
         msg_id = ws.execute("import time; time.sleep(120)")
-        wait_until(lambda: call(gw, "GET", f"/api/kernels/{kernel}")[1]["execution_state"] == "busy", 15,
+        wait_until(lambda: call(gw, "GET", f"/api/kernels/{kernel}")[1]["execution_state"] == "busy", 30,
                    what="kernel busy")
         started = time.monotonic()
         status, body, _ = call(gw, "POST", f"/api/kernels/{kernel}/interrupt")
@@ -219,7 +219,7 @@ def test_interrupt(gw, kernel):
     assert time.monotonic() - started < 20
     reply = next(m for m in msgs if m["msg_type"] == "execute_reply")
     assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
-    wait_until(lambda: call(gw, "GET", f"/api/kernels/{kernel}")[1]["execution_state"] == "idle", 10,
+    wait_until(lambda: call(gw, "GET", f"/api/kernels/{kernel}")[1]["execution_state"] == "idle", 30,
                what="kernel idle after interrupt")
 
 

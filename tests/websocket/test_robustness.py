@@ -202,7 +202,7 @@ def test_abrupt_client_disconnect_is_survived(gateway, kernel):
     ws = KernelWS(gateway, kernel)
     ws.execute("print('to nobody')")
     ws.ws.shutdown()  # TCP close without a websocket close frame
-    wait_until(lambda: kernel_model(gateway, kernel)["connections"] == 0, 10, what="connections == 0")
+    wait_until(lambda: kernel_model(gateway, kernel)["connections"] == 0, 30, what="connections == 0")
     with KernelWS(gateway, kernel) as again:
         out, _ = again.run("print('fine')", 30)
     assert out == "fine\n"

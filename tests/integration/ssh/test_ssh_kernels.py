@@ -88,7 +88,7 @@ def test_interrupt_restart_shutdown(ssh_gateway, ssh_cluster, spec):
     kid = start_kernel(ssh_gateway, spec)
     with KernelWS(ssh_gateway, kid) as ws:
         msg_id = ws.execute("while True:\n    pass")
-        wait_until(lambda: call(ssh_gateway, "GET", f"/api/kernels/{kid}")[1]["execution_state"] == "busy", 20,
+        wait_until(lambda: call(ssh_gateway, "GET", f"/api/kernels/{kid}")[1]["execution_state"] == "busy", 60,
                    what="kernel busy")
         assert call(ssh_gateway, "POST", f"/api/kernels/{kid}/interrupt")[0] == 204
         msgs = ws.collect(msg_id, timeout=20)
