@@ -95,9 +95,10 @@ def test_flood_of_stream_messages_arrives_complete_and_in_order(gateway, kernel,
     assert texts == [f"{i}\n" for i in range(FLOOD)], "stream messages arrived out of order"
 
 
+BIG_COUNT = 2000
 BIG_CODE = (
     "k = get_ipython().kernel\n"
-    "for i in range(2000):\n"
+    f"for i in range({BIG_COUNT}):\n"
     "    k.session.send(k.iopub_socket, 'stream', {'name': 'stdout', 'text': f'{i:05d}' + 'x' * 10000},"
     " parent=k.get_parent('shell'))\n"
 )
@@ -106,9 +107,11 @@ BIG_CODE = (
 def test_a_client_that_stops_reading_does_not_stall_the_others(gateway, kernel):
     with KernelWS(gateway, kernel) as stalled, KernelWS(gateway, kernel, skip_utf8_validation=True) as reader:
         stalled.run("1")  # attached and working; from now on it reads nothing
+        # the kernel's PUB socket must not drop the flood before it reaches the gateway (it does on a busy machine)
+        assert reader.run(UNLIMITED_IOPUB_HWM, 30)[0] == "True 0\n"
         msg_id = reader.execute(BIG_CODE)
         msgs = reader.collect(msg_id, 20)  # ~1 s when nothing stalls it; stalled it waits for the ping timeout (>30 s)
-        assert len([m for m in msgs if m["msg_type"] == "stream"]) == 2000
+        assert len([m for m in msgs if m["msg_type"] == "stream"]) == BIG_COUNT
 
 
 # -- malformed frames --------------------------------------------------------------------------------------
