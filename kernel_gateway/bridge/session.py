@@ -66,6 +66,10 @@ def zmq_address(info: dict[str, Any], channel: str) -> str:
     return f"{transport}://{ip}:{port}" if transport == "tcp" else f"{transport}://{ip}-{port}"
 
 
+#: Seconds shell messages wait for this session's stdin connection before they go anyway.
+STDIN_WAIT = 5.0
+
+
 class ChannelSession:
     """The shell/control/stdin sockets of one client session, and its place in the kernel's backlog."""
 
@@ -79,6 +83,8 @@ class ChannelSession:
         self._dropped = 0
         self._sockets: dict[str, zmq.asyncio.Socket] = {}
         self._readers: list[asyncio.Task] = []
+        self._held: list[list[Any]] | None = None  # shell messages waiting for the stdin connection
+        self._monitor: zmq.asyncio.Socket | None = None  # events of the stdin socket, until it is connected
 
     @property
     def keeps_output(self) -> bool:
@@ -87,15 +93,42 @@ class ChannelSession:
 
     def open(self) -> None:
         identity = self.session_id.encode()
+        self._held = []
         for channel in ("shell", "control", "stdin"):
             sock = self.bridge.context.socket(zmq.DEALER)
             sock.setsockopt(zmq.IDENTITY, identity)
             # a request sent just before its client leaves still reaches the kernel (up to a second in the
             # background after close), rather than being discarded with the session
             sock.setsockopt(zmq.LINGER, 1000)
+            if channel == "stdin":
+                self._monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+                self._readers.append(asyncio.create_task(self._release_when_connected(self._monitor)))
             sock.connect(zmq_address(self.bridge.connection_info, channel))
             self._sockets[channel] = sock
             self._readers.append(asyncio.create_task(self._read(channel, sock)))
+
+    async def _release_when_connected(self, monitor: zmq.asyncio.Socket) -> None:
+        """Send the held shell messages once the kernel's stdin socket knows this session.
+
+        The kernel's stdin is a ROUTER, which drops messages for an identity it has not seen yet: an
+        ``input_request`` answering a request that overtook our stdin connection would be lost, and
+        the cell would wait for ever. On a busy machine that happened to 1 in 5 fresh connections.
+        """
+        try:
+            await asyncio.wait_for(monitor.recv_multipart(), STDIN_WAIT)
+        except asyncio.TimeoutError:  # a kernel that does not answer: requests go anyway, as without the wait
+            self.bridge.log.info("session %s: stdin not connected after %gs", self.session_id, STDIN_WAIT)
+        self._release()
+
+    def _release(self) -> None:
+        """Stop watching stdin and send the held shell messages."""
+        monitor, self._monitor = self._monitor, None
+        if monitor is not None:
+            self._sockets["stdin"].disable_monitor()
+            monitor.close(linger=0)
+        held, self._held = self._held or [], None
+        for frames in held:
+            self._sockets["shell"].send_multipart(frames, copy=False)
 
     async def _read(self, channel: str, sock: zmq.asyncio.Socket) -> None:
         async for batch in read_batches(sock):
@@ -175,9 +208,12 @@ class ChannelSession:
             if msg_type.endswith("_request") and not self.bridge.start_request():
                 self._refuse(header)
                 return
-        signature = self.bridge.signer.sign(parts)
+        frames = [DELIMITER, self.bridge.signer.sign(parts), *parts]
         self.bridge.touch()
-        self._sockets[channel].send_multipart([DELIMITER, signature, *parts], copy=False)
+        if channel == "shell" and self._held is not None:
+            self._held.append(frames)
+            return
+        self._sockets[channel].send_multipart(frames, copy=False)
 
     def _refuse(self, request: dict[str, Any]) -> None:
         limit = self.bridge.limits.requests_in_flight
@@ -202,6 +238,9 @@ class ChannelSession:
         self.open()
 
     def _close_sockets(self) -> None:
+        # before the sockets close: a monitor left on a closed socket stalled the sessions opened after it, and
+        # held requests still go out (in the background, for up to LINGER) when their client has just left
+        self._release()
         for task in self._readers:
             task.cancel()
         for sock in self._sockets.values():

@@ -94,8 +94,7 @@ class KernelWS:
                                                       "user_expressions": {}, "allow_stdin": False, **content}))
 
     def recv(self, timeout: float = 30) -> dict:
-        self.ws.settimeout(timeout)
-        frame = self.ws.recv()
+        frame = recv_frame(self.ws, timeout)
         if isinstance(frame, bytes):
             return decode_legacy_binary(frame)
         return json.loads(frame)
@@ -157,6 +156,30 @@ def encode_legacy_binary(msg: dict, buffers: list[bytes]) -> bytes:
         offsets.append(pos)
         pos += len(chunk)
     return struct.pack(">I", len(chunks)) + b"".join(struct.pack(">I", o) for o in offsets) + b"".join(chunks)
+
+
+def recv_frame(ws: websocket.WebSocket, timeout: float) -> str | bytes:
+    """The next text (str) or binary (bytes) message within ``timeout`` seconds, the whole wait.
+
+    ``ws.recv()`` answers pings itself and starts its socket timeout afresh after each, so a server that
+    pings more often than the timeout would keep it waiting for ever. A close frame raises
+    ``WebSocketConnectionClosedException`` with its code and reason.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise websocket.WebSocketTimeoutException(f"no message within {timeout:g}s")
+        ws.settimeout(remaining)
+        opcode, frame = ws.recv_data_frame(control_frame=True)
+        if opcode == websocket.ABNF.OPCODE_TEXT:
+            return frame.data.decode("utf-8")
+        if opcode == websocket.ABNF.OPCODE_BINARY:
+            return frame.data
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            code = struct.unpack("!H", frame.data[:2])[0] if len(frame.data) >= 2 else None
+            raise websocket.WebSocketConnectionClosedException(
+                f"the gateway closed the websocket: {code} {frame.data[2:].decode('utf-8', 'replace')}")
 
 
 def recv_close(ws: websocket.WebSocket, timeout: float = 15) -> tuple[int | None, str]:

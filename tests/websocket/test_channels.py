@@ -228,6 +228,21 @@ def test_input_request_reaches_only_the_asking_session(gateway, kernel):
     assert "input_request" not in [m["msg_type"] for m in seen]
 
 
+def test_input_request_right_after_connecting_is_not_lost(gateway, kernel):
+    """A fresh session's first request asks for input: the kernel's stdin must already know the session (its
+    ROUTER drops messages for unknown peers), so the gateway holds shell requests until stdin is connected.
+    Without that, 9 of 40 such cells waited for ever on a busy machine."""
+    for _ in range(30):
+        with KernelWS(gateway, kernel, session_id=uuid.uuid4().hex) as ws:
+            msg_id = ws.execute("print('got', input('q?'))", allow_stdin=True)
+            request, _ = ws.recv_until(lambda m: m["msg_type"] == "input_request", 30)
+            reply = make_msg("input_reply", {"value": "yes"}, channel="stdin")
+            reply["parent_header"] = request["header"]
+            ws.send(reply)
+            msgs = ws.collect(msg_id, 30)
+            assert "".join(m["content"]["text"] for m in msgs if m["msg_type"] == "stream") == "got yes\n"
+
+
 # -- lifecycle ------------------------------------------------------------------------------------------------
 
 

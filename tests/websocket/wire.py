@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tests.services.client import KernelWS
+from tests.services.client import KernelWS, recv_frame
 
 V1 = "v1.kernel.websocket.jupyter.org"
 
@@ -67,7 +67,6 @@ class V1KernelWS(KernelWS):
         return msg["header"]["msg_id"]
 
     def recv(self, timeout: float = 30) -> dict:
-        self.ws.settimeout(timeout)
-        frame = self.ws.recv()
+        frame = recv_frame(self.ws, timeout)
         self.raw_frames += 1
         return v1_decode(frame)
