@@ -4,7 +4,8 @@
      ├── PortRangeError          a port range is malformed or exhausted
      ├── LaunchRequestError      the start request asks for something not allowed (bad host, image, ...)
      ├── LaunchError             a kernel could not be started (backend's reason attached)
-     │    └── LaunchTimeoutError the kernel did not become ready in time
+     │    ├── LaunchTimeoutError the kernel did not become ready in time
+     │    └── CapacityError      the backend has no room for the kernel now (e.g. a full YARN queue)
      └── BackendError            the backend (ssh, docker, yarn, kubernetes) failed a request
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 __all__ = [
     "BackendError",
+    "CapacityError",
     "LaunchError",
     "LaunchRequestError",
     "LaunchTimeoutError",
@@ -42,6 +44,10 @@ class LaunchError(ProvisionerError):
 
 class LaunchTimeoutError(LaunchError):
     """A kernel did not become ready within its launch timeout."""
+
+
+class CapacityError(LaunchError):
+    """The backend cannot take the kernel now (a queue or resource limit); retrying later may succeed."""
 
 
 class BackendError(ProvisionerError):

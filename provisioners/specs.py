@@ -20,7 +20,7 @@ from traitlets.config import Application
 
 from launchers import PYTHON_LAUNCHER
 
-__all__ = ["SSHSpecApp", "SpecsApp", "launcher_argv"]
+__all__ = ["SSHSpecApp", "SpecsApp", "YarnSpecApp", "launcher_argv"]
 
 LAUNCHER = PYTHON_LAUNCHER
 
@@ -156,6 +156,42 @@ class DockerSwarmSpecApp(DockerSpecApp):
     provisioner_name = "docker-swarm-provisioner"
 
 
+class YarnSpecApp(_InstallApp):
+    """``specs install yarn --name N --rm-urls U --am-command C``: kernels as YARN applications (native mode)."""
+
+    name = "kernel-gateway specs install yarn"
+    provisioner_name = "yarn-provisioner"
+    rm_urls = List(Unicode(), config=True, help="ResourceManager web addresses (comma-separated; all of them with HA).")
+    am_command = Unicode("", config=True, help="Command that runs the registering ApplicationMaster on the nodes.")
+    queue = Unicode("", config=True, help="YARN queue; empty: the provisioner's default ('default').")
+    memory = Unicode("", config=True, help="Memory of the kernel's container, e.g. '1g'.")
+    vcores = Unicode("", config=True, help="Virtual cores of the kernel's container.")
+    aliases = {
+        **_InstallApp.aliases,
+        "rm-urls": "YarnSpecApp.rm_urls",
+        "am-command": "YarnSpecApp.am_command",
+        "queue": "YarnSpecApp.queue",
+        "memory": "YarnSpecApp.memory",
+        "vcores": "YarnSpecApp.vcores",
+    }
+
+    def provisioner_config(self) -> dict[str, Any]:
+        urls = _split(self.rm_urls)
+        self.require(urls, "--rm-urls")
+        self.require(self.am_command, "--am-command")
+        config: dict[str, Any] = {"rm_urls": urls, "am_command": self.am_command}
+        if self.queue:
+            config["queue"] = self.queue
+        if self.memory:
+            config["memory"] = self.memory
+        if self.vcores:
+            if not self.vcores.isdigit():
+                print(f"{self.name}: --vcores must be a whole number", file=sys.stderr)
+                self.exit(2)
+            config["vcores"] = int(self.vcores)
+        return config
+
+
 class InstallApp(Application):
     """``specs install <provisioner>``."""
 
@@ -164,6 +200,7 @@ class InstallApp(Application):
         "ssh": (SSHSpecApp, SSHSpecApp.__doc__.splitlines()[0]),
         "docker": (DockerSpecApp, DockerSpecApp.__doc__.splitlines()[0]),
         "docker-swarm": (DockerSwarmSpecApp, DockerSwarmSpecApp.__doc__.splitlines()[0]),
+        "yarn": (YarnSpecApp, YarnSpecApp.__doc__.splitlines()[0]),
     }
 
     def start(self) -> None:

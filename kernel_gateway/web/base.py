@@ -13,7 +13,7 @@ from typing import Any
 
 from tornado import httputil, web
 
-from provisioners.errors import LaunchRequestError, LaunchTimeoutError, ProvisionerError
+from provisioners.errors import CapacityError, LaunchRequestError, LaunchTimeoutError, ProvisionerError
 
 from .. import errors
 from ..logs import redact
@@ -34,6 +34,7 @@ STATUS_FOR: dict[type[BaseException], int] = {
     errors.NotReadyError: 503,
     LaunchRequestError: 400,
     LaunchTimeoutError: 504,
+    CapacityError: 503,
     ProvisionerError: 502,
 }
 
