@@ -121,6 +121,62 @@ def reexec_with_token_on_stdin(token: str, argv: list[str]) -> None:
     os.execve(sys.executable, [sys.executable, *interpreter[1:], "--launch-token-stdin", *argv], dict(os.environ))
 
 
+def read_yarn_secret(name: str) -> str:
+    """The launch token from secret ``name`` of this YARN container's credentials (``--launch-token-yarn-secret``).
+
+    The secret (JSON ``{"token", "env"}``) reached the container in its ``container_tokens`` file (Hadoop's
+    Writable credentials: "HDTS", version 0, tokens, then secrets); the file is deleted once read, so kernel
+    code sees neither the token nor the container's other tokens, and ``env`` is applied to this process.
+    """
+    def vint(b: bytes, i: int) -> tuple[int, int]:
+        f = b[i] - 256 if b[i] > 127 else b[i]
+        if f >= -112:
+            return f, i + 1
+        n = -(f + 120) if f < -120 else -(f + 112)
+        return int.from_bytes(b[i + 1:i + 1 + n], "big"), i + 1 + n
+
+    def field(b: bytes, i: int) -> tuple[bytes, int]:
+        n, i = vint(b, i)
+        return b[i:i + n], i + n
+
+    path = os.environ.get("HADOOP_TOKEN_FILE_LOCATION", "")
+    data = b""
+    if path and os.path.exists(path):
+        with open(path, "rb") as file:
+            data = file.read()
+    if data[:5] != b"HDTS\x00":
+        raise SystemExit(f"launcher: no container_tokens in the Writable format at {path!r}")
+    count, i = vint(data, 5)
+    for _ in range(count * 5):  # alias, identifier, password, kind, service
+        _, i = field(data, i)
+    count, i = vint(data, i)
+    found = {}
+    for _ in range(count):
+        key, i = field(data, i)
+        found[key.decode()], i = field(data, i)
+    if name not in found:
+        raise SystemExit(f"launcher: secret {name!r} is not in the container's credentials")
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+    launch = json.loads(found[name])
+    os.environ.update(launch.get("env", {}))
+    return launch["token"]
+
+
+def start_spark_session(app) -> None:
+    """Create the SparkSession (``--spark-session``) and give it to the kernel as ``spark`` and ``sc``.
+
+    In YARN cluster mode the ApplicationMaster waits for the driver's SparkContext, so it is made now,
+    before the kernel reports ready; the executors it asks for run on the cluster.
+    """
+    from pyspark.sql import SparkSession
+
+    spark = SparkSession.builder.getOrCreate()
+    app.kernel.shell.user_ns.update(spark=spark, sc=spark.sparkContext)
+
+
 def parse_range(text: str) -> tuple[int, int] | None:
     text = (text or "").strip()
     if not text or text in ("0..0", "0"):  # EG's "no range"
@@ -378,6 +434,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kernel-class-name", default="ipykernel.ipkernel.IPythonKernel")
     parser.add_argument("--ip", default="0.0.0.0", help="address the kernel binds")
     parser.add_argument("--launch-token-stdin", action="store_true", help="read the launch token from stdin")
+    parser.add_argument("--launch-token-yarn-secret", default="", metavar="NAME",
+                        help="read the launch token (and environment) from this secret of the YARN container's credentials")
+    parser.add_argument("--spark-session", action="store_true", help="create a SparkSession as `spark` before ready")
     parser.add_argument("--connect-timeout", type=float, default=30.0,
                         help="seconds to keep reporting to the gateway until it acknowledges; then exit with status 3")
     args, kernel_args = parser.parse_known_args(argv)
@@ -392,7 +451,10 @@ def main(argv: list[str] | None = None) -> None:
     if not (args.kernel_id and args.response_address and args.public_key):
         raise SystemExit("launcher: --kernel-id, --response-address and --public-key are required")
     keep_log_stream()
-    token = read_launch_token(args.launch_token_stdin, sys.argv[1:] if argv is None else argv)
+    if args.launch_token_yarn_secret:
+        token = read_yarn_secret(args.launch_token_yarn_secret)
+    else:
+        token = read_launch_token(args.launch_token_stdin, sys.argv[1:] if argv is None else argv)
     if not token:
         raise SystemExit("launcher: no launch token (KERNEL_LAUNCH_TOKEN or --launch-token-stdin)")
 
@@ -413,6 +475,8 @@ def main(argv: list[str] | None = None) -> None:
     config.IPKernelApp.kernel_class = args.kernel_class_name
     app = reporting_app_class().instance(config=config)
     app.initialize([])
+    if args.spark_session:
+        start_spark_session(app)
     ControlServer(control_sock, control_key).start()  # serving before the gateway can learn its port
 
     payload = {
