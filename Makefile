@@ -26,10 +26,13 @@ $(RUN_STAMP): pyproject.toml
 	@$(call pip_install,-e .)
 	@touch $@
 
-# plus what the tests use (jupyter_server clients, JupyterLab, pytest)
+# plus what the tests use (jupyter_server clients, JupyterLab, pytest); the kerberos extra's gssapi is built
+# from source against Debian's libkrb5-dev, which install-krb5.sh installs (with the test KDC's tools)
 $(STAMP): $(RUN_STAMP)
 	@echo "Installing the test tools into $(VENV) (log: $(INSTALL_LOG)) ..."
 	@: >$(INSTALL_LOG)
+	@bash tests/services/install-krb5.sh >>$(INSTALL_LOG) 2>&1 \
+		|| { cat $(INSTALL_LOG); echo "make: tests/services/install-krb5.sh failed" >&2; exit 1; }
 	@$(call pip_install,-e '.[test]')
 	@touch $@
 

@@ -11,7 +11,6 @@ their own objects.
 from __future__ import annotations
 
 import re
-import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,12 +94,6 @@ class ContainerProvisioner(RemoteProvisioner):
         config=True,
         help="Docker network kernel containers join; the gateway must reach it.",
     ).tag(env="GATEWAY_DOCKER_NETWORK")
-    instance_name = Unicode(
-        "",
-        config=True,
-        help="Name of this gateway on the container host; containers carry it, and a gateway that starts again "
-        "under the same name removes the kernels its previous run left behind. Empty: the host name.",
-    ).tag(env="GATEWAY_INSTANCE_NAME")
 
     @validate("max_memory")
     def _memory_size(self, proposal: dict[str, Any]) -> str:
@@ -172,10 +165,6 @@ class ContainerProvisioner(RemoteProvisioner):
             name=f"kernel-{self.kernel_id}", image=image, command=command, env=container_env, labels=labels,
             user=f"{uid}:{gid}", cpus=cpus, memory=memory, gpus=gpus, volumes=list(self.volumes),
         )
-
-    @property
-    def instance_label(self) -> str:
-        return self.instance_name or socket.gethostname()
 
 
 def _number(env: dict[str, str], name: str, kind: type, default: Any) -> Any:

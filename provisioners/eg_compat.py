@@ -30,7 +30,7 @@ CLASS_MAP = {
     _PP + "docker_swarm.DockerProcessProxy": "docker-provisioner",
     _PP + "docker_swarm.DockerSwarmProcessProxy": "docker-swarm-provisioner",
     _PP + "k8s.KubernetesProcessProxy": "kubernetes-provisioner",
-    _PP + "yarn.YarnClusterProcessProxy": "yarn-provisioner",
+    _PP + "yarn.YarnClusterProcessProxy": "yarn-spark-provisioner",  # EG runs spark-submit via bin/run.sh
 }
 
 #: EG process-proxy config key -> our provisioner trait (keys not listed pass through unchanged).
@@ -70,6 +70,9 @@ def translate_metadata(name: str, metadata: dict[str, Any]) -> dict[str, Any]:
             translated[key] = _as_list(value)
         elif key == "remote_hosts":
             config["remote_hosts"] = _as_list(value)
+        elif key in ("yarn_endpoint", "alt_yarn_endpoint"):  # EG's RM and its HA standby: one list here
+            config.setdefault("rm_urls", [])
+            config["rm_urls"] = ([value] + config["rm_urls"]) if key == "yarn_endpoint" else config["rm_urls"] + [value]
         else:
             config[CONFIG_MAP.get(key, key)] = value
     translated["kernel_provisioner"] = {"provisioner_name": provisioner, "config": config}

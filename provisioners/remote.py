@@ -14,8 +14,10 @@ import hashlib
 import hmac
 import json
 import math
+import re
 import secrets
 import signal
+import socket
 import time
 from abc import abstractmethod
 from typing import Any
@@ -24,11 +26,26 @@ from jupyter_client.provisioning import KernelProvisionerBase
 from traitlets import Float, List, Unicode
 
 from .envconfig import EnvConfigurable
-from .errors import BackendError, LaunchError, LaunchTimeoutError
+from .errors import BackendError, LaunchError, LaunchRequestError, LaunchTimeoutError
 from .handshake import LaunchInfo, ResponseListener
 from .ports import PortRangeOption
 
-__all__ = ["RemoteProvisioner", "control_request"]
+__all__ = ["RemoteProvisioner", "control_request", "impersonated_user", "is_user_name"]
+
+_USER_NAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
+
+
+def is_user_name(name: str) -> bool:
+    """Whether ``name`` is a plain POSIX user name (inert in a command line, a URL or a shell ``eval``)."""
+    return bool(_USER_NAME.match(name))
+
+
+def impersonated_user(env: dict[str, str]) -> str:
+    """The client's ``KERNEL_USERNAME`` to run a kernel as; :class:`LaunchRequestError` unless it is a user name."""
+    user = env.get("KERNEL_USERNAME", "")
+    if not is_user_name(user):
+        raise LaunchRequestError(f"KERNEL_USERNAME {user!r} is not a valid user name for impersonation")
+    return user
 
 
 
@@ -102,6 +119,13 @@ class RemoteProvisioner(KernelProvisionerBase, EnvConfigurable):  # type: ignore
         help="Host name or address launchers use to reach the response listener; empty lets the backend pick "
         "the local address of its connection to the kernel's host.",
     ).tag(env="GATEWAY_RESPONSE_HOST")
+    instance_name = Unicode(
+        "",
+        config=True,
+        help="Name of this gateway where its kernels run; kernels carry it (container label, YARN application tag) "
+        "and a gateway that starts again under the same name removes the kernels its previous run left behind. "
+        "Empty: the host name.",
+    ).tag(env="GATEWAY_INSTANCE_NAME")
     forward_envs = List(
         Unicode(),
         config=True,
@@ -175,6 +199,11 @@ class RemoteProvisioner(KernelProvisionerBase, EnvConfigurable):  # type: ignore
         cmd = [_substitute(arg, values) for arg in self.kernel_spec.argv]
         kwargs.pop("extra_arguments", None)
         return await super().pre_launch(cmd=cmd, **kwargs)
+
+    @property
+    def instance_label(self) -> str:
+        """``instance_name``, or this host's name."""
+        return self.instance_name or socket.gethostname()
 
     @property
     def runs_enterprise_gateway_launcher(self) -> bool:

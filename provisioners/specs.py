@@ -20,13 +20,15 @@ from traitlets.config import Application
 
 from launchers import PYTHON_LAUNCHER
 
-__all__ = ["SSHSpecApp", "SpecsApp", "YarnSpecApp", "launcher_argv"]
+__all__ = ["SSHSpecApp", "SpecsApp", "YarnSparkSpecApp", "YarnSpecApp", "launcher_argv"]
 
 LAUNCHER = PYTHON_LAUNCHER
 
 
-def launcher_argv(python: str, launcher: str) -> list[str]:
-    """The argv that runs our Python launcher with every placeholder the remote provisioners fill in."""
+def launcher_argv(python: str, launcher: str, token_on_stdin: bool = True) -> list[str]:
+    """The argv that runs our Python launcher with every placeholder the remote provisioners fill in.
+
+    ``token_on_stdin`` False leaves the launch token's source to the provisioner (YARN Spark adds its own flag)."""
     return [
         python, launcher,
         "--kernel-id", "{kernel_id}",
@@ -34,8 +36,7 @@ def launcher_argv(python: str, launcher: str) -> list[str]:
         "--public-key", "{public_key}",
         "--port-range", "{port_range}",
         "--kernel-class-name", "{kernel_class_name}",
-        "--launch-token-stdin",
-    ]
+    ] + (["--launch-token-stdin"] if token_on_stdin else [])
 
 
 class _InstallApp(Application):
@@ -68,6 +69,10 @@ class _InstallApp(Application):
         """The kernel command: our launcher on the kernel's host."""
         return launcher_argv(self.python, self.launcher)
 
+    def spec_env(self) -> dict[str, str]:
+        """The kernelspec's ``env``: none unless the kind needs it."""
+        return {}
+
     def require(self, value: Any, flag: str) -> None:
         """Exit with status 2 and a message when a required option is missing."""
         if not value:
@@ -79,13 +84,15 @@ class _InstallApp(Application):
         config = self.provisioner_config()
         if self.port_range:
             config["port_range"] = self.port_range
-        spec = {
+        spec: dict[str, Any] = {
             "argv": self.kernel_argv(),
             "display_name": self.display_name or self.spec_name,
             "language": "python",
             "interrupt_mode": "message",
             "metadata": {"kernel_provisioner": {"provisioner_name": self.provisioner_name, "config": config}},
         }
+        if self.spec_env():
+            spec["env"] = self.spec_env()
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "kernel.json").write_text(json.dumps(spec, indent=2))
             dest = KernelSpecManager().install_kernel_spec(
@@ -156,30 +163,25 @@ class DockerSwarmSpecApp(DockerSpecApp):
     provisioner_name = "docker-swarm-provisioner"
 
 
-class YarnSpecApp(_InstallApp):
-    """``specs install yarn --name N --rm-urls U --am-command C``: kernels as YARN applications (native mode)."""
+class _YarnSpecApp(_InstallApp):
+    """Options shared by both YARN kernelspec kinds."""
 
-    name = "kernel-gateway specs install yarn"
-    provisioner_name = "yarn-provisioner"
     rm_urls = List(Unicode(), config=True, help="ResourceManager web addresses (comma-separated; all of them with HA).")
-    am_command = Unicode("", config=True, help="Command that runs the registering ApplicationMaster on the nodes.")
     queue = Unicode("", config=True, help="YARN queue; empty: the provisioner's default ('default').")
-    memory = Unicode("", config=True, help="Memory of the kernel's container, e.g. '1g'.")
-    vcores = Unicode("", config=True, help="Virtual cores of the kernel's container.")
+    memory = Unicode("", config=True, help="Memory of the kernel's container (Spark: the driver's), e.g. '1g'.")
+    vcores = Unicode("", config=True, help="Virtual cores of the kernel's container (Spark: the driver's).")
     aliases = {
         **_InstallApp.aliases,
-        "rm-urls": "YarnSpecApp.rm_urls",
-        "am-command": "YarnSpecApp.am_command",
-        "queue": "YarnSpecApp.queue",
-        "memory": "YarnSpecApp.memory",
-        "vcores": "YarnSpecApp.vcores",
+        "rm-urls": "_YarnSpecApp.rm_urls",
+        "queue": "_YarnSpecApp.queue",
+        "memory": "_YarnSpecApp.memory",
+        "vcores": "_YarnSpecApp.vcores",
     }
 
     def provisioner_config(self) -> dict[str, Any]:
         urls = _split(self.rm_urls)
         self.require(urls, "--rm-urls")
-        self.require(self.am_command, "--am-command")
-        config: dict[str, Any] = {"rm_urls": urls, "am_command": self.am_command}
+        config: dict[str, Any] = {"rm_urls": urls}
         if self.queue:
             config["queue"] = self.queue
         if self.memory:
@@ -192,6 +194,56 @@ class YarnSpecApp(_InstallApp):
         return config
 
 
+class YarnSpecApp(_YarnSpecApp):
+    """``specs install yarn --name N --rm-urls U --am-command C``: kernels as YARN applications (native mode)."""
+
+    name = "kernel-gateway specs install yarn"
+    provisioner_name = "yarn-provisioner"
+    am_command = Unicode("", config=True, help="Command that runs the registering ApplicationMaster on the nodes.")
+    aliases = {**_YarnSpecApp.aliases, "am-command": "YarnSpecApp.am_command"}
+
+    def provisioner_config(self) -> dict[str, Any]:
+        config = super().provisioner_config()
+        self.require(self.am_command, "--am-command")
+        return {**config, "am_command": self.am_command}
+
+
+class YarnSparkSpecApp(_YarnSpecApp):
+    """``specs install yarn-spark --name N --rm-urls U --spark-home S``: kernels as Spark drivers in YARN cluster mode."""
+
+    name = "kernel-gateway specs install yarn-spark"
+    provisioner_name = "yarn-spark-provisioner"
+    spark_home = Unicode("", config=True, help="Spark's directory on the gateway host (spark-submit runs there).")
+    hadoop_conf_dir = Unicode(
+        "", config=True, help="HADOOP_CONF_DIR for spark-submit (yarn-site.xml names the ResourceManager); empty: "
+        "the gateway's environment.")
+    spark_conf = List(Unicode(), config=True, help="Extra Spark settings, 'key=value' (repeat the option).")
+    aliases = {
+        **_YarnSpecApp.aliases,
+        "spark-home": "YarnSparkSpecApp.spark_home",
+        "hadoop-conf-dir": "YarnSparkSpecApp.hadoop_conf_dir",
+        "spark-conf": "YarnSparkSpecApp.spark_conf",
+    }
+
+    def kernel_argv(self) -> list[str]:
+        self.require(self.spark_home, "--spark-home")
+        conf = [f"spark.yarn.appMasterEnv.PYSPARK_PYTHON={self.python}", f"spark.executorEnv.PYSPARK_PYTHON={self.python}",
+                *self.spark_conf]
+        for item in conf:
+            if "=" not in item:
+                print(f"{self.name}: --spark-conf {item!r} is not key=value", file=sys.stderr)
+                self.exit(2)
+        return [os.path.join(self.spark_home, "bin", "spark-submit"), "--master", "yarn", "--deploy-mode", "cluster",
+                "--name", "{kernel_id}", *(arg for item in conf for arg in ("--conf", item)),
+                *launcher_argv(self.python, self.launcher, token_on_stdin=False)[1:], "--spark-session"]
+
+    def spec_env(self) -> dict[str, str]:
+        env = {"SPARK_HOME": self.spark_home}
+        if self.hadoop_conf_dir:
+            env.update(HADOOP_CONF_DIR=self.hadoop_conf_dir, YARN_CONF_DIR=self.hadoop_conf_dir)
+        return env
+
+
 class InstallApp(Application):
     """``specs install <provisioner>``."""
 
@@ -201,6 +253,7 @@ class InstallApp(Application):
         "docker": (DockerSpecApp, DockerSpecApp.__doc__.splitlines()[0]),
         "docker-swarm": (DockerSwarmSpecApp, DockerSwarmSpecApp.__doc__.splitlines()[0]),
         "yarn": (YarnSpecApp, YarnSpecApp.__doc__.splitlines()[0]),
+        "yarn-spark": (YarnSparkSpecApp, YarnSparkSpecApp.__doc__.splitlines()[0]),
     }
 
     def start(self) -> None:

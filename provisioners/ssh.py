@@ -20,11 +20,10 @@ from traitlets import Bool, CaselessStrEnum, Float, Integer, List, TraitError, U
 
 from ._blocking import run_blocking
 from .errors import LaunchError, LaunchRequestError
-from .remote import RemoteProvisioner
+from .remote import RemoteProvisioner, impersonated_user
 
 __all__ = ["SSHProvisioner"]
 
-_USERNAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 
 
 class _Hosts:
@@ -199,9 +198,7 @@ class SSHProvisioner(RemoteProvisioner):
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         env = kwargs.get("env") or {}
         self._requested_host = env.get("KERNEL_REMOTE_HOST", "")
-        self._user = env.get("KERNEL_USERNAME", "")
-        if self.impersonate and not _USERNAME.match(self._user):
-            raise LaunchRequestError(f"KERNEL_USERNAME {self._user!r} is not a valid user name for impersonation")
+        self._user = impersonated_user(env) if self.impersonate else env.get("KERNEL_USERNAME", "")
         return await super().pre_launch(**kwargs)
 
     @property

@@ -19,6 +19,7 @@ interval for all kernels); kill goes through the RM (state KILLED) and waits unt
 
 from __future__ import annotations
 
+import ast
 import base64
 import json
 import re
@@ -28,16 +29,19 @@ import time
 from typing import Any
 from urllib.parse import urlparse
 
-from traitlets import Bool, Float, Integer, List, TraitError, Unicode, validate
+from traitlets import Bool, CaselessStrEnum, Float, Integer, List, TraitError, Unicode, validate
+
+from launchers import PYTHON_LAUNCHER
 
 from ._blocking import run_blocking
 from ._payloads import LaunchInfo
 from .container import _number, parse_memory
 from .errors import BackendError, CapacityError, LaunchError, LaunchRequestError
 from .remote import RemoteProvisioner, _timeout
+from .yarn_auth import RMAuth, check_setting
 from .yarn_rm import ApplicationWatcher, AppState, YarnAPIError
 
-__all__ = ["YarnCapacityError", "YarnProvisioner"]
+__all__ = ["YarnCapacityError", "YarnProvisioner", "app_tag"]
 
 SECRET_KEY = "kernel_gateway.launch"
 TAG = "kernel_gateway"
@@ -45,39 +49,21 @@ _NM_MARKERS = re.compile(r"\{\{|\}\}|<LOG_DIR>|<CPS>")
 _TAG_UNSAFE = re.compile(r"[^a-z0-9._@-]")
 _USERNAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 
-# Runs under the kernel's Python in the AM container: the launch secret from container_tokens (Hadoop's
-# Writable credentials format: "HDTS", version 0, tokens, then secrets), then exec argv with the token on stdin.
-_BOOTSTRAP = r"""
-import json, os, sys
-def vint(b, i):
-    f = b[i] - 256 if b[i] > 127 else b[i]
-    if f >= -112:
-        return f, i + 1
-    n = -(f + 120) if f < -120 else -(f + 112)
-    return int.from_bytes(b[i + 1:i + 1 + n], 'big'), i + 1 + n
-def field(b, i):
-    n, i = vint(b, i)
-    return b[i:i + n], i + n
-path = os.environ.get('HADOOP_TOKEN_FILE_LOCATION', '')
-data = open(path, 'rb').read() if path else b''
-if data[:5] != b'HDTS\x00':
-    sys.exit('kernel-gateway bootstrap: no container_tokens in the Writable format at ' + repr(path))
-count, i = vint(data, 5)
-for _ in range(count * 5):  # alias, identifier, password, kind, service
-    _, i = field(data, i)
-count, i = vint(data, i)
-secrets = {}
-for _ in range(count):
-    key, i = field(data, i)
-    secrets[key], i = field(data, i)
-launch = json.loads(secrets[b'kernel_gateway.launch'])
-try:
-    os.unlink(path)  # the AM has read it; kernel code gets neither the token nor the AM's RM token
-except OSError:
-    pass
-os.environ.update(launch['env'])
+
+def _launcher_function(name: str) -> str:
+    """The source of one function of our launcher script, to run it verbatim where the launcher may not be."""
+    source = PYTHON_LAUNCHER.read_text()
+    node = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == name)
+    return ast.get_source_segment(source, node) or ""
+
+
+# Runs under the kernel's Python in the AM container: the launcher's own reader of the launch secret (from
+# container_tokens, which it deletes; it applies the kernel's environment), then exec argv with the token on
+# stdin, so any kernelspec argv, not only our launcher, gets its environment without the token in it.
+_BOOTSTRAP = "from __future__ import annotations\nimport json, os, sys\n" + _launcher_function("read_yarn_secret") + f"""
+token = read_yarn_secret({SECRET_KEY!r})
 r, w = os.pipe()
-os.write(w, launch['token'].encode() + b'\n')
+os.write(w, token.encode() + b'\\n')
 os.close(w)
 os.dup2(r, 0)
 os.close(r)
@@ -97,7 +83,7 @@ def escape_for_nm(command: str) -> str:
     return command
 
 
-def _tag(prefix: str, value: str) -> str:
+def app_tag(prefix: str, value: str) -> str:
     """A YARN application tag (ASCII, lower case, <= 100 chars, no commas: the query separator)."""
     return (prefix + _TAG_UNSAFE.sub("_", value.lower()))[:100]
 
@@ -159,12 +145,42 @@ class YarnProvisioner(RemoteProvisioner):
         help="Submit each kernel's application as its KERNEL_USERNAME (the RM's 'user.name' with simple "
         "authentication); off: as the user the RM assigns to the gateway's requests.",
     ).tag(env="GATEWAY_YARN_IMPERSONATE")
-    instance_name = Unicode(
+    rm_auth = CaselessStrEnum(
+        ["simple", "kerberos"], "simple", config=True,
+        help="How the gateway authenticates to the ResourceManager's REST API (and the NodeManagers' log pages): "
+        "'simple': none (impersonation sends user.name=<user>); 'kerberos': SPNEGO with mutual authentication, "
+        "credentials from rm_keytab, else from the process's credential cache (kinit; KRB5CCNAME); impersonation "
+        "sends doAs=<user>, which the RM allows when hadoop.proxyuser.<gateway principal's short name>.* permit it. "
+        "Needs the 'kerberos' extra (requests-gssapi).",
+    ).tag(env="GATEWAY_YARN_RM_AUTH")
+    rm_principal = Unicode(
         "", config=True,
-        help="Name of this gateway on the cluster; applications carry it as a tag, and a gateway that starts again "
-        "under the same name kills the applications its previous run left behind. Empty: the host name.",
-    ).tag(env="GATEWAY_INSTANCE_NAME")
+        help="With rm_auth 'kerberos': the gateway's client principal, e.g. jupyter@EXAMPLE.COM; required with "
+        "rm_keytab; without it, the credential cache's default principal.",
+    ).tag(env="GATEWAY_YARN_RM_PRINCIPAL")
+    rm_keytab = Unicode(
+        "", config=True,
+        help="With rm_auth 'kerberos': a client keytab; tickets for rm_principal are got from it (and got again "
+        "before they expire) into a private in-memory cache. Empty: the process's credential cache, kept valid "
+        "by the operator (kinit, k5start).",
+    ).tag(env="GATEWAY_YARN_RM_KEYTAB")
+    rm_ca_bundle = Unicode(
+        "", config=True,
+        help="For https ResourceManager (and NodeManager) addresses: the CA bundle (PEM file) that verifies their "
+        "certificates; empty: the system's CAs.",
+    ).tag(env="GATEWAY_YARN_RM_CA_BUNDLE")
 
+    @validate("rm_auth", "rm_keytab", "rm_ca_bundle")
+    def _rm_auth_setting(self, proposal: dict[str, Any]) -> str:
+        try:
+            check_setting(proposal["trait"].name, proposal["value"])
+        except ValueError as exc:
+            raise TraitError(str(exc)) from None
+        return proposal["value"]
+
+
+    #: AM container logs whose tail a failed start's message quotes
+    diagnostic_logs: tuple[str, ...] = ("stderr",)
     app_id: str | None = None
     _started_at = 0.0  # monotonic time the current start began
 
@@ -201,13 +217,10 @@ class YarnProvisioner(RemoteProvisioner):
         return proposal["value"]
 
     @property
-    def instance_label(self) -> str:
-        return self.instance_name or socket.gethostname()
-
-    @property
     def watcher(self) -> ApplicationWatcher:
-        return ApplicationWatcher.instance(self.rm_urls, _tag("kg-instance:", self.instance_label),
-                                           self.poll_interval, self.rm_timeout)
+        auth = RMAuth(self.rm_auth.lower(), self.rm_principal, self.rm_keytab, self.rm_ca_bundle)
+        return ApplicationWatcher.instance(self.rm_urls, app_tag("kg-instance:", self.instance_label),
+                                           self.poll_interval, self.rm_timeout, auth)
 
     @property
     def app(self) -> AppState | None:
@@ -270,7 +283,7 @@ class YarnProvisioner(RemoteProvisioner):
         user = env.get("KERNEL_USERNAME", "")
         if self.impersonate and not _USERNAME.match(user):
             raise LaunchRequestError(f"KERNEL_USERNAME {user!r} is not a valid user name for impersonation")
-        as_user = {"params": {"user.name": user}} if self.impersonate else {}
+        as_user = self.watcher.rm.as_user(user) if self.impersonate else {}  # user.name, or doAs under Kerberos
         watcher = self.watcher
         rm = watcher.rm
         await watcher.reap(set(watcher.apps))
@@ -287,8 +300,8 @@ class YarnProvisioner(RemoteProvisioner):
             "application-id": app_id, "application-name": self.kernel_id, "application-type": "JUPYTER",
             "queue": resources["queue"], "priority": resources["priority"], "max-app-attempts": 1,
             "resource": {"memory": resources["memory"], "vCores": resources["vcores"]},
-            "application-tags": {"tag": [TAG, watcher.tag, _tag("kg-kernel:", self.kernel_id)]
-                                 + ([_tag("kg-user:", user)] if user else [])},
+            "application-tags": {"tag": [TAG, watcher.tag, app_tag("kg-kernel:", self.kernel_id)]
+                                 + ([app_tag("kg-user:", user)] if user else [])},
             "am-container-spec": {
                 "commands": {"command": command},
                 "credentials": {"secrets": {"entry": [{"key": SECRET_KEY, "value": secret}]}},
@@ -327,8 +340,8 @@ class YarnProvisioner(RemoteProvisioner):
 
     def launcher_exit_status(self) -> int | None:
         app = self.app
-        if app is None:
-            return None if self.app_id is None else -1
+        if app is None:  # none submitted yet: starting, unless the gateway ended the launch before it got one
+            return None if self.app_id is None and not self._stop_requested else -1
         if not app.final:
             return None
         return 0 if app.final_status == "SUCCEEDED" else (-9 if app.state == "KILLED" else 1)
@@ -354,12 +367,14 @@ class YarnProvisioner(RemoteProvisioner):
         if app.diagnostics.strip():
             text += f"; YARN says: {app.diagnostics.strip()}"
         container = app.am_container_logs.rstrip("/").split("/")[-2] if app.am_container_logs.count("/") > 3 else ""
-        if app.am_host_http and container.startswith("container_") and "stderr" not in app.diagnostics:
-            url = f"http://{app.am_host_http}/ws/v1/node/containerlogs/{container}/stderr?size=-2048"
+        for name in self.diagnostic_logs:
+            if not app.am_host_http or not container.startswith("container_") or f"of {name}" in app.diagnostics:
+                continue  # YARN's diagnostics quote "Last 4096 bytes of stderr" when the container failed
+            url = f"http://{app.am_host_http}/ws/v1/node/containerlogs/{container}/{name}?size=-2048"
             page = await run_blocking(self.watcher.rm.get_text, url, self.rm_timeout)
             tail = page.partition("LogContents:")[2].partition("End of LogType")[0].strip() or page.strip()
             if tail and tail not in app.diagnostics:
-                text += f"; last lines of the AM container's stderr:\n{tail}"
+                text += f"; last lines of the AM container's {name}:\n{tail}"
         # an AM may echo its whole command (the bootstrap's base64 included): keep each line short
         return "\n".join(line if len(line) <= 300 else line[:300] + "..." for line in text.splitlines())
 

@@ -3,7 +3,9 @@
 :class:`ResourceManagerClient` wraps yarn-api-client's ``ResourceManager`` for a list of RM web
 endpoints and follows the active one: a refused connection, a timeout or a standby's non-JSON page
 moves it to the next endpoint, and it stays there. It counts its requests (``requests``), so tests
-and operators can see what the gateway costs the RM.
+and operators can see what the gateway costs the RM. It authenticates as its
+:class:`~provisioners.yarn_auth.RMAuth` says (simple, or Kerberos SPNEGO); a request the RM does not
+authenticate raises :class:`YarnAuthError` with what to check, not the RM's page.
 
 :class:`ApplicationWatcher` is the one poller per RM endpoint list and gateway instance: each
 interval it asks the RM ONE question, the live applications carrying the instance tag, for all YARN
@@ -29,8 +31,10 @@ from yarn_api_client.resource_manager import ResourceManager
 
 from ._blocking import run_blocking
 from .errors import BackendError
+from .yarn_auth import RMAuth
 
-__all__ = ["FINAL_STATES", "LIVE_STATES", "AppState", "ApplicationWatcher", "ResourceManagerClient", "YarnAPIError"]
+__all__ = ["FINAL_STATES", "LIVE_STATES", "AppState", "ApplicationWatcher", "ResourceManagerClient", "YarnAPIError",
+           "YarnAuthError"]
 
 log = logging.getLogger("provisioners.yarn")
 
@@ -48,11 +52,15 @@ class YarnAPIError(BackendError):
         self.status = status
 
 
+class YarnAuthError(YarnAPIError):
+    """The ResourceManager did not authenticate the gateway (HTTP 401, or the SPNEGO exchange failed)."""
+
+
 class _Endpoint(ResourceManager):
     """yarn-api-client's RM client for ONE endpoint, without its constructor's network check."""
 
-    def __init__(self, url: str, timeout: float, auth: Any, count: Any) -> None:
-        BaseYarnAPI.__init__(self, url, timeout, auth)  # no I/O here; failover is ours
+    def __init__(self, url: str, timeout: float, auth: Any, verify: bool | str, count: Any) -> None:
+        BaseYarnAPI.__init__(self, url, timeout, auth, verify)  # no I/O here; failover is ours
         self._count = count
 
     def request(self, api_path: str, method: str = "GET", **kwargs: Any) -> Response:
@@ -63,12 +71,21 @@ class _Endpoint(ResourceManager):
 class ResourceManagerClient:
     """Blocking RM REST calls against the active endpoint of ``urls``; use :meth:`acall` from async code."""
 
-    def __init__(self, urls: list[str], timeout: float, auth: Any = None) -> None:
+    def __init__(self, urls: list[str], timeout: float, auth: RMAuth | None = None) -> None:
         self.urls = list(urls)
+        self.auth = auth or RMAuth()
         self.requests: Counter[str] = Counter()  # "GET /ws/v1/cluster/apps" -> count
         self._lock = threading.Lock()
-        self._endpoints = [_Endpoint(url, timeout, auth, self._note) for url in self.urls]
+        try:
+            session_auth = self.auth.requests_auth()
+        except (ImportError, ValueError) as exc:  # requests-gssapi missing, or settings that cannot work
+            raise BackendError(f"YARN ResourceManager authentication: {exc}") from None
+        self._endpoints = [_Endpoint(url, timeout, session_auth, self.auth.verify, self._note) for url in self.urls]
         self.active = 0
+
+    def as_user(self, user: str) -> dict[str, Any]:
+        """Request keyword arguments that make the RM act for ``user`` (impersonation)."""
+        return {"params": self.auth.as_user(user)}
 
     def _note(self, method: str, path: str) -> None:
         kind = re.sub(r"application_\d+_\d+", "{id}", path)
@@ -86,12 +103,17 @@ class ResourceManagerClient:
             except (requests.ConnectionError, requests.Timeout) as exc:
                 failures.append(f"{self.urls[index]}: {type(exc).__name__}")
                 continue
-            except ValueError:  # a standby RM's HTML page instead of JSON
+            except ValueError:  # a standby RM's HTML page instead of JSON (requests' JSONDecodeError included)
                 failures.append(f"{self.urls[index]}: not the active ResourceManager")
                 continue
+            except requests.RequestException as exc:  # a SPNEGO exchange failed, or a 401 to simple authentication
+                raise YarnAuthError(self.auth.refused(f"ResourceManager {self.urls[index]}", str(exc)), 401) from None
             except APIError as exc:
                 match = _STATUS.search(str(exc))
-                raise YarnAPIError(f"ResourceManager {self.urls[index]}: {exc}", int(match.group(1)) if match else 0) from exc
+                status = int(match.group(1)) if match else 0
+                if status == 401:  # the RM's text is an HTML page; say what to check instead
+                    raise YarnAuthError(self.auth.refused(f"ResourceManager {self.urls[index]}"), status) from None
+                raise YarnAPIError(f"ResourceManager {self.urls[index]}: {exc}", status) from exc
             if index != self.active:
                 log.warning("YARN ResourceManager %s is active now (%s)", self.urls[index], "; ".join(failures))
                 self.active = index
@@ -141,7 +163,7 @@ class AppState:
 class ApplicationWatcher:
     """One batched applications query per interval for every YARN kernel of this gateway instance."""
 
-    _instances: ClassVar[dict[tuple[tuple[str, ...], str], ApplicationWatcher]] = {}
+    _instances: ClassVar[dict[tuple[tuple[str, ...], str, RMAuth], ApplicationWatcher]] = {}
 
     def __init__(self, rm: ResourceManagerClient, tag: str, interval: float) -> None:
         self.rm = rm
@@ -154,9 +176,11 @@ class ApplicationWatcher:
         self._round = asyncio.Event()
 
     @classmethod
-    def instance(cls, urls: list[str], tag: str, interval: float, timeout: float, auth: Any = None) -> ApplicationWatcher:
-        """The process's watcher for these RM endpoints and instance tag (created on first use)."""
-        key = (tuple(urls), tag)
+    def instance(cls, urls: list[str], tag: str, interval: float, timeout: float,
+                 auth: RMAuth | None = None) -> ApplicationWatcher:
+        """The process's watcher for these RM endpoints, instance tag and authentication (created on first use)."""
+        auth = auth or RMAuth()
+        key = (tuple(urls), tag, auth)
         if key not in cls._instances:
             cls._instances[key] = cls(ResourceManagerClient(urls, timeout, auth), tag, interval)
         return cls._instances[key]

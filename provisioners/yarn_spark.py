@@ -13,6 +13,19 @@ it and Spark's YARN client ships the login user's credentials in the AM containe
 Spark conf, the command line, the RM's REST API, Spark's UI or event log). The launcher
 (``--launch-token-yarn-secret``) reads it from ``container_tokens`` and deletes that file. The file on the
 gateway host is removed as soon as spark-submit exits.
+
+Impersonation (``impersonate``) adds ``--proxy-user <KERNEL_USERNAME>``. Spark gives a proxy user none of the
+submitting user's credentials, so then the same credentials file is localized into the driver's container with
+``--files`` instead (uploaded to the application's staging directory, which only the kernel's user can read) and
+the launcher reads it there (``--launch-secret-file``) and deletes its link.
+
+With a port range, the driver's RPC, block manager and UI ports (and the executors' block managers) start at its
+low end and Spark's bind retries stay inside it (``spark.port.maxRetries``), unless the kernelspec sets them.
+
+Enterprise Gateway's Spark kernelspecs (``bin/run.sh`` that runs ``eval exec spark-submit ${SPARK_OPTS} ...``)
+work unchanged: our options are appended to ``SPARK_OPTS``, each quoted for that ``eval``, and the spec's ``env``
+is substituted again with only values the gateway vouches for (the kernel id, a ``KERNEL_USERNAME`` that is a
+plain user name), because jupyter_client substitutes client ``KERNEL_*`` text into it and ``eval`` would run it.
 """
 
 from __future__ import annotations
@@ -21,21 +34,25 @@ import asyncio
 import json
 import os
 import re
+import shlex
 import shutil
 import tempfile
 import time
+from string import Template
 from typing import Any
 
 from traitlets import Float, validate
 
 from .errors import LaunchError, LaunchRequestError
-from .remote import _timeout
-from .yarn import _USERNAME, SECRET_KEY, TAG, YarnProvisioner, _tag
+from .ports import parse_port_range
+from .remote import _timeout, impersonated_user, is_user_name
+from .yarn import SECRET_KEY, TAG, YarnProvisioner, app_tag
 from .yarn_rm import LIVE_STATES
 
 __all__ = ["YarnSparkProvisioner", "hadoop_credentials"]
 
 _APP_ID = re.compile(r"application_\d+_\d+")
+SECRET_FILE = "kg-launch.creds"  # the launch secret's file name in the driver's container, with impersonation
 
 
 def _vint(value: int) -> bytes:
@@ -68,6 +85,7 @@ class YarnSparkProvisioner(YarnProvisioner):
     def _am_command(self, proposal: dict[str, Any]) -> str:
         return proposal["value"]  # unused: Spark's own ApplicationMaster runs the driver
 
+    diagnostic_logs = ("stderr", "stdout")  # the driver's Python (our launcher) writes to the AM's stdout
     _submit_env: dict[str, str] | None = None  # set by launch_kernel
     _submit: asyncio.subprocess.Process | None = None
 
@@ -77,14 +95,13 @@ class YarnSparkProvisioner(YarnProvisioner):
         self._submit_env = {k: v for k, v in kwargs.get("env", {}).items() if not k.startswith("KERNEL_")}
         return await super().launch_kernel(cmd, **kwargs)
 
-    def submit_command(self, cmd: list[str], env: dict[str, str]) -> list[str]:
-        """The kernelspec's spark-submit argv with our options inserted after the program (values are argv
-        elements, never shell text; Spark escapes what reaches the AM command) and the launcher's secret flag."""
-        if "--deploy-mode" not in cmd or "cluster" not in cmd:
-            raise LaunchRequestError("a yarn-spark kernelspec runs spark-submit --master yarn --deploy-mode cluster")
+    def spark_options(self, env: dict[str, str], given: str) -> list[str]:
+        """Our spark-submit options: queue, driver resources, priority, tags, node label, proxy user and, with a
+        port range, the ports (``given``: the kernelspec's own options, whose port settings win)."""
         resources = self.yarn_resources(env)
         user = env.get("KERNEL_USERNAME", "")
-        tags = [TAG, self.watcher.tag, _tag("kg-kernel:", self.kernel_id)] + ([_tag("kg-user:", user)] if user else [])
+        tags = [TAG, self.watcher.tag, app_tag("kg-kernel:", self.kernel_id)]
+        tags += [app_tag("kg-user:", user)] if user else []
         options = ["--queue", resources["queue"], "--driver-memory", f"{resources['memory']}m",
                    "--driver-cores", str(resources["vcores"]),
                    "--conf", f"spark.yarn.priority={resources['priority']}",
@@ -94,24 +111,72 @@ class YarnSparkProvisioner(YarnProvisioner):
         if self.node_label:
             options += ["--conf", f"spark.yarn.am.nodeLabelExpression={self.node_label}"]
         if self.impersonate:
-            if not _USERNAME.match(user):
-                raise LaunchRequestError(f"KERNEL_USERNAME {user!r} is not a valid user name for impersonation")
-            options += ["--proxy-user", user]
-        tail = [] if "--launch-token-yarn-secret" in cmd else ["--launch-token-yarn-secret", SECRET_KEY]
-        return [cmd[0], *options, *cmd[1:], *tail]
+            options += ["--proxy-user", impersonated_user(env)]
+        ports = parse_port_range(self.port_range)
+        if ports is not None:
+            defaults = {"spark.driver.port": ports.low, "spark.blockManager.port": ports.low, "spark.ui.port": ports.low,
+                        "spark.port.maxRetries": ports.size - 1}  # Spark binds base, base+1, ... base+maxRetries
+            options += [arg for key, value in defaults.items() if f"{key}=" not in given
+                        for arg in ("--conf", f"{key}={value}")]
+        return options
+
+    def submit_command(self, cmd: list[str], env: dict[str, str], secret_path: str) -> list[str]:
+        """The kernelspec's spark-submit argv with our options inserted after the program (values are argv
+        elements, never shell text; Spark escapes what reaches the AM command) and the launcher's secret flags.
+
+        With impersonation the credentials file ``secret_path`` is also localized into the driver's container
+        (``--files``): Spark gives a proxy user none of the submitting user's credentials."""
+        if "--deploy-mode" not in cmd or "cluster" not in cmd:
+            raise LaunchRequestError("a yarn-spark kernelspec runs spark-submit --master yarn --deploy-mode cluster")
+        argv = [cmd[0], *self.spark_options(env, " ".join(cmd)), *cmd[1:]]
+        if "--launch-token-yarn-secret" not in cmd:
+            argv += ["--launch-token-yarn-secret", SECRET_KEY]
+        if self.impersonate:
+            files = f"{secret_path}#{SECRET_FILE}"
+            if "--files" in argv:  # spark-submit keeps only the last --files: join the kernelspec's
+                index = argv.index("--files") + 1
+                argv[index] = f"{argv[index]},{files}"
+            else:
+                argv[1:1] = ["--files", files]
+            argv += ["--launch-secret-file", SECRET_FILE]
+        return argv
+
+    def enterprise_gateway_env(self, env: dict[str, str], submit_env: dict[str, str]) -> dict[str, str]:
+        """The environment of an Enterprise Gateway ``run.sh``: the spec's env substituted again from the gateway's
+        environment, the kernel id and a plain-user-name ``KERNEL_USERNAME`` only, with our options appended to
+        ``SPARK_OPTS`` quoted for run.sh's ``eval``. EG's own impersonation switch is dropped: ``impersonate`` rules."""
+        vouched = {"KERNEL_ID": self.kernel_id}
+        if is_user_name(env.get("KERNEL_USERNAME", "")):
+            vouched["KERNEL_USERNAME"] = env["KERNEL_USERNAME"]
+        values = {**submit_env, **vouched}
+        spec_env = {key: Template(value).safe_substitute(values) for key, value in (self.kernel_spec.env or {}).items()}
+        spark_opts = spec_env.get("SPARK_OPTS", "")
+        if "--deploy-mode cluster" not in " ".join(spark_opts.split()):
+            raise LaunchRequestError("an Enterprise Gateway YARN Spark kernelspec sets SPARK_OPTS with "
+                                     "--master yarn --deploy-mode cluster")
+        options = self.spark_options(env, spark_opts)
+        spec_env["SPARK_OPTS"] = " ".join([spark_opts, *(shlex.quote(option) for option in options)])
+        result = {**submit_env, **spec_env, **vouched}
+        result.pop("EG_IMPERSONATION_ENABLED", None)
+        return result
 
     async def start_launcher(self, cmd: list[str], env: dict[str, str], token: str) -> None:
         self._started_at = time.monotonic()
         self.app_id, self._submit = None, None
-        argv = self.submit_command(cmd, env)
+        submit_env = dict(self._submit_env or {})
         await self.watcher.reap(set(self.watcher.apps))
         private = tempfile.mkdtemp(prefix="kg-spark-")  # mode 0700
         try:
-            path = os.path.join(private, "launch.creds")
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as file:
-                file.write(hadoop_credentials({SECRET_KEY: json.dumps({"token": token, "env": env}).encode()}))
-            submit_env = {**(self._submit_env or {}), "HADOOP_TOKEN_FILE_LOCATION": path}
+            if self.runs_enterprise_gateway_launcher:  # EG's launcher reports without a token: no launch secret
+                argv, submit_env = cmd, self.enterprise_gateway_env(env, submit_env)
+            else:
+                path = os.path.join(private, SECRET_FILE)
+                argv = self.submit_command(cmd, env, path)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as file:
+                    file.write(hadoop_credentials({SECRET_KEY: json.dumps({"token": token, "env": env}).encode()}))
+                if not self.impersonate:  # the login user's credentials: Spark ships them in the AM's tokens
+                    submit_env["HADOOP_TOKEN_FILE_LOCATION"] = path
             output = await self._run_submit(argv, submit_env)
         finally:
             shutil.rmtree(private, ignore_errors=True)
@@ -165,7 +230,7 @@ class YarnSparkProvisioner(YarnProvisioner):
         app_id = found[-1] if found else None
         if app_id is None:
             data = await self.watcher.rm.acall("cluster_applications", states=LIVE_STATES,
-                                               application_tags=[_tag("kg-kernel:", self.kernel_id)])
+                                               application_tags=[app_tag("kg-kernel:", self.kernel_id)])
             apps = (data.get("apps") or {}).get("app") or []
             app_id = max((a["id"] for a in apps), default=None)
         if app_id is not None:

@@ -121,12 +121,13 @@ def reexec_with_token_on_stdin(token: str, argv: list[str]) -> None:
     os.execve(sys.executable, [sys.executable, *interpreter[1:], "--launch-token-stdin", *argv], dict(os.environ))
 
 
-def read_yarn_secret(name: str) -> str:
+def read_yarn_secret(name: str, path: str = "") -> str:
     """The launch token from secret ``name`` of this YARN container's credentials (``--launch-token-yarn-secret``).
 
     The secret (JSON ``{"token", "env"}``) reached the container in its ``container_tokens`` file (Hadoop's
-    Writable credentials: "HDTS", version 0, tokens, then secrets); the file is deleted once read, so kernel
-    code sees neither the token nor the container's other tokens, and ``env`` is applied to this process.
+    Writable credentials: "HDTS", version 0, tokens, then secrets), or in ``path``, a credentials file in the
+    same format localized beside it (``--launch-secret-file``); the file is deleted once read, so kernel code
+    sees neither the token nor the container's other tokens, and ``env`` is applied to this process.
     """
     def vint(b: bytes, i: int) -> tuple[int, int]:
         f = b[i] - 256 if b[i] > 127 else b[i]
@@ -139,13 +140,13 @@ def read_yarn_secret(name: str) -> str:
         n, i = vint(b, i)
         return b[i:i + n], i + n
 
-    path = os.environ.get("HADOOP_TOKEN_FILE_LOCATION", "")
+    path = path or os.environ.get("HADOOP_TOKEN_FILE_LOCATION", "")
     data = b""
     if path and os.path.exists(path):
         with open(path, "rb") as file:
             data = file.read()
     if data[:5] != b"HDTS\x00":
-        raise SystemExit(f"launcher: no container_tokens in the Writable format at {path!r}")
+        raise SystemExit(f"launcher: no Hadoop credentials in the Writable format at {path!r}")
     count, i = vint(data, 5)
     for _ in range(count * 5):  # alias, identifier, password, kind, service
         _, i = field(data, i)
@@ -436,6 +437,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--launch-token-stdin", action="store_true", help="read the launch token from stdin")
     parser.add_argument("--launch-token-yarn-secret", default="", metavar="NAME",
                         help="read the launch token (and environment) from this secret of the YARN container's credentials")
+    parser.add_argument("--launch-secret-file", default="", metavar="PATH",
+                        help="with --launch-token-yarn-secret: read that secret from this Hadoop credentials file")
     parser.add_argument("--spark-session", action="store_true", help="create a SparkSession as `spark` before ready")
     parser.add_argument("--connect-timeout", type=float, default=30.0,
                         help="seconds to keep reporting to the gateway until it acknowledges; then exit with status 3")
@@ -452,7 +455,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("launcher: --kernel-id, --response-address and --public-key are required")
     keep_log_stream()
     if args.launch_token_yarn_secret:
-        token = read_yarn_secret(args.launch_token_yarn_secret)
+        token = read_yarn_secret(args.launch_token_yarn_secret, args.launch_secret_file)
     else:
         token = read_launch_token(args.launch_token_stdin, sys.argv[1:] if argv is None else argv)
     if not token:

@@ -43,9 +43,9 @@ def call(
     return status, payload, rh
 
 
-def start_kernel(gw: GatewayServer, name: str | None = None, env: dict | None = None) -> str:
+def start_kernel(gw: GatewayServer, name: str | None = None, env: dict | None = None, timeout: float = 60) -> str:
     """Start a kernel and return its id; fail the test with the gateway's message otherwise."""
-    status, body, _ = call(gw, "POST", "/api/kernels", {"name": name, "env": env or {}})
+    status, body, _ = call(gw, "POST", "/api/kernels", {"name": name, "env": env or {}}, timeout=timeout)
     assert status == 201, (status, body)
     return body["id"]
 

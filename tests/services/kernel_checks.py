@@ -5,19 +5,21 @@ from __future__ import annotations
 from .client import call
 from .gateway import wait_until
 
-__all__ = ["LISTENING_PORTS", "interrupt_busy_loop"]
+__all__ = ["LISTENING_PORTS", "LISTENING_PORTS_WITH_PARENT", "interrupt_busy_loop"]
 
-# the TCP ports this kernel process listens on: its socket inodes matched against the LISTEN rows
-LISTENING_PORTS = """
+# the TCP ports the processes PIDS listen on beyond loopback (which no network policy has to open, e.g. the
+# py4j port between a Spark driver's JVM and Python): their socket inodes matched against the LISTEN rows
+_LISTENING = """
 import os, re
 inodes = set()
-for fd in os.listdir("/proc/self/fd"):
-    try:
-        match = re.match(r"socket:\\[(\\d+)\\]", os.readlink(f"/proc/self/fd/{fd}"))
-    except OSError:
-        continue
-    if match:
-        inodes.add(match.group(1))
+for pid in PIDS:
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            match = re.match(r"socket:\\[(\\d+)\\]", os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            continue
+        if match:
+            inodes.add(match.group(1))
 ports = set()
 for table in ("/proc/net/tcp", "/proc/net/tcp6"):
     try:
@@ -26,10 +28,17 @@ for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         continue
     for row in rows:
         fields = row.split()
-        if fields[3] == "0A" and fields[9] in inodes:
-            ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+        address, port = fields[1].rsplit(":", 1)
+        loopback = address.endswith("7F") and (len(address) == 8 or address.startswith("0" * 16 + "FFFF0000")) \\
+            or address == "0" * 24 + "01000000"  # 127/8, ::ffff:127/104, ::1
+        if fields[3] == "0A" and fields[9] in inodes and not loopback:
+            ports.add(int(port, 16))
 print(sorted(ports))
 """
+#: the ports this kernel process listens on
+LISTENING_PORTS = _LISTENING.replace("PIDS", "[os.getpid()]")
+#: the ports this kernel and its parent listen on (a Spark kernel's parent is the driver's JVM)
+LISTENING_PORTS_WITH_PARENT = _LISTENING.replace("PIDS", "[os.getpid(), os.getppid()]")
 
 
 def interrupt_busy_loop(gw, ws, kid):

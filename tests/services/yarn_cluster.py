@@ -24,6 +24,7 @@ Also a command line (``tests/services/yarn/start-yarn.sh`` and ``stop-yarn.sh`` 
 from __future__ import annotations
 
 import contextlib
+import getpass
 import json
 import os
 import shutil
@@ -35,6 +36,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from xml.sax.saxutils import escape
 
 from .docker_engine import _file_lock
 from .gateway import wait_until
@@ -123,6 +125,7 @@ class YarnCluster:
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    auth: Any = None  # a `requests` auth for :meth:`rest` when the web endpoints require SPNEGO
     _lock: contextlib.ExitStack | None = None
 
     @property
@@ -155,6 +158,15 @@ class YarnCluster:
 
     def rest(self, method: str, path: str, body: Any = None, timeout: float = 15) -> tuple[int, Any]:
         """One call to ``<rm_url>/ws/v1/cluster<path>``: ``(status, parsed JSON or None)`` for any status."""
+        if self.auth is not None:  # SPNEGO: urllib cannot negotiate; requests (with the gateway's deps) can
+            import requests
+
+            resp = requests.request(method, f"{self.rm_url}/ws/v1/cluster{path}", json=body, auth=self.auth,
+                                    headers={"Accept": "application/json"}, timeout=timeout)
+            try:
+                return resp.status_code, resp.json() if resp.content else None
+            except ValueError:
+                return resp.status_code, resp.text
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(f"{self.rm_url}/ws/v1/cluster{path}", data=data, method=method,
                                      headers={"Content-Type": "application/json", "Accept": "application/json"})
@@ -269,22 +281,29 @@ def cleanup_stale(web_port: int) -> None:
 
 # ------------------------------------------------------------------------------------------ start
 
-def _write_conf(conf_dir: Path, values: dict[str, object]) -> None:
+def _write_conf(conf_dir: Path, values: dict[str, object], extra: dict[str, dict[str, str]] | None = None) -> None:
     conf_dir.mkdir(parents=True, exist_ok=True)
     for template in (SERVICE_DIR / "conf").iterdir():
         text = template.read_text()
         for key, value in values.items():
             text = text.replace(f"@{key}@", str(value))
-        (conf_dir / template.name).write_text(text)
+        added = "".join(f"  <property><name>{escape(k)}</name><value>{escape(v)}</value></property>\n"
+                        for k, v in (extra or {}).get(template.name, {}).items())
+        (conf_dir / template.name).write_text(text.replace("</configuration>", added + "</configuration>"))
 
 
 def start_cluster(workdir: Path, nodes: int = 2, netns: bool | None = None, port_base: int = 18030,
                   web_port: int = 18088, nm_memory_mb: int = 4096, nm_vcores: int = 4,
-                  am_expiry_ms: int = 3_600_000, am_max_attempts: int = 1, timeout: float = 180) -> YarnCluster:
+                  am_expiry_ms: int = 3_600_000, am_max_attempts: int = 1, timeout: float = 180,
+                  extra_conf: dict[str, dict[str, str]] | None = None, java_opts: list[str] | None = None,
+                  auth: Any = None) -> YarnCluster:
     """Start an RM and ``nodes`` (1 or 2) NMs with their files under ``workdir``; return when all are ready.
 
     ``netns``: None puts node 2 in a network namespace when that works, True requires it, False never.
     ``timeout`` bounds each wait (RM active, NMs running); on any failure everything started is stopped.
+    ``extra_conf`` adds properties to the configuration (file name -> {name: value}, e.g. SPNEGO on the web
+    endpoints in ``core-site.xml``), ``java_opts`` options to every daemon's JVM (``-Djava.security.krb5.conf``),
+    and ``auth`` is the `requests` auth the cluster's own REST calls use then (:attr:`YarnCluster.auth`).
     """
     if nodes not in (1, 2):
         raise ValueError(f"nodes must be 1 or 2, not {nodes}")
@@ -304,7 +323,8 @@ def start_cluster(workdir: Path, nodes: int = 2, netns: bool | None = None, port
         if nodes == 2:
             members.append(NodeManager(2, NS_IP if in_netns else "127.0.0.1", port_base + 20,
                                        NETNS if in_netns else None))
-        cluster = YarnCluster(host, web_port, workdir, lib, members, NETNS if in_netns else None, _lock=lock)
+        cluster = YarnCluster(host, web_port, workdir, lib, members, NETNS if in_netns else None, auth=auth,
+                              _lock=lock)
     except BaseException:
         lock.close()
         raise
@@ -316,8 +336,9 @@ def start_cluster(workdir: Path, nodes: int = 2, netns: bool | None = None, port
         values = {"RM_HOST": host, "RM_SCHEDULER_PORT": port_base, "RM_TRACKER_PORT": port_base + 1,
                   "RM_PORT": port_base + 2, "RM_ADMIN_PORT": port_base + 3, "RM_WEB_PORT": web_port,
                   "NM_MEMORY_MB": nm_memory_mb, "NM_VCORES": nm_vcores, "AM_EXPIRY_MS": am_expiry_ms,
-                  "AM_MAX_ATTEMPTS": am_max_attempts, "RUN_DIR": cluster.run_dir}
-        _launch(cluster, java, values, timeout)
+                  "AM_MAX_ATTEMPTS": am_max_attempts, "RUN_DIR": cluster.run_dir,
+                  "USER": getpass.getuser()}
+        _launch(cluster, java, values, timeout, extra_conf, java_opts)
     except BaseException:
         cluster.stop()
         raise
@@ -329,15 +350,17 @@ def start_cluster(workdir: Path, nodes: int = 2, netns: bool | None = None, port
     return cluster
 
 
-def _launch(cluster: YarnCluster, java: str, values: dict[str, object], timeout: float) -> None:
+def _launch(cluster: YarnCluster, java: str, values: dict[str, object], timeout: float,
+            extra_conf: dict[str, dict[str, str]] | None = None, java_opts: list[str] | None = None) -> None:
     logs = cluster.run_dir / "logs"
     for path in [logs, cluster.run_dir / "tmp"] + [cluster.run_dir / f"nm{n.index}" / d
                                                    for n in cluster.nodes for d in ("local", "logs")]:
         path.mkdir(parents=True, exist_ok=True)
-    _write_conf(cluster.conf_dir, values)
+    _write_conf(cluster.conf_dir, values, extra_conf)
     # JAVA_HOME and HADOOP_CONF_DIR are on the NM's env whitelist: containers get them ({{JAVA_HOME}})
     env = dict(os.environ, JAVA_HOME=str(Path(java).resolve().parents[1]), HADOOP_CONF_DIR=str(cluster.conf_dir))
-    common = [*JAVA_OPTS, f"-Dhadoop.log.dir={logs}", f"-Dyarn.log.dir={logs}", "-cp", cluster.hadoop_classpath]
+    common = [*JAVA_OPTS, *(java_opts or []), f"-Dhadoop.log.dir={logs}", f"-Dyarn.log.dir={logs}",
+              "-cp", cluster.hadoop_classpath]
 
     def spawn(name: str, argv: list[str]) -> None:
         with open(logs / f"{name}.out", "wb") as out:

@@ -18,7 +18,7 @@ from tests.services.gateway import free_port, start_gateway, wait_until
 from .conftest import PORT_RANGE, write_ssh_spec
 
 pytestmark = pytest.mark.cluster
-HERE = Path(__file__).resolve().parent
+EG_LAUNCHER = Path(__file__).resolve().parents[2] / "services" / "eg_style_launcher.py"
 
 
 def kernel_runs_on(cluster, kernel_id) -> bool:
@@ -128,7 +128,7 @@ def test_enterprise_gateway_kernelspec_runs_unchanged(ssh_cluster, tmp_path):
             "config": {"remote_hosts": ",".join(h.address for h in ssh_cluster.hosts),
                        "key_filename": str(ssh_cluster.key_file), "known_hosts_file": str(ssh_cluster.known_hosts),
                        "remote_user": "root", "authorized_users": "alice,bob"}}},
-        "argv": [sys.executable, str(HERE / "eg_style_launcher.py"),
+        "argv": [sys.executable, str(EG_LAUNCHER),
                  "--RemoteProcessProxy.kernel-id", "{kernel_id}",
                  "--RemoteProcessProxy.response-address", "{response_address}",
                  "--RemoteProcessProxy.public-key", "{public_key}",

@@ -7,27 +7,23 @@ poll interval, and (with a closed port listed first) that the provisioner follow
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 import uuid
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urlparse
 
 import pytest
 
 from launchers import PYTHON_LAUNCHER
 from provisioners.specs import launcher_argv
 from tests.services.client import KernelWS, call, start_kernel
+from tests.services.counting_proxy import CountingProxy
 from tests.services.gateway import free_port, start_gateway, wait_until
 from tests.services.kernel_checks import LISTENING_PORTS, interrupt_busy_loop
 
@@ -76,50 +72,6 @@ class Yarn:
 @pytest.fixture(scope="session")
 def yarn(yarn_cluster, yarn_am_command) -> Yarn:
     return Yarn(yarn_cluster.rm_url, yarn_am_command, yarn_cluster.gateway_address)
-
-
-class CountingProxy(ThreadingHTTPServer):
-    """Relays HTTP requests to the RM on loopback and records (time, method, path) of each."""
-
-    daemon_threads = True
-
-    def __init__(self, target: str) -> None:
-        self.target = urlparse(target)
-        self.seen: list[tuple[float, str, str]] = []
-        super().__init__(("127.0.0.1", 0), _Relay)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-    def count(self, since: float = 0.0) -> Counter:
-        return Counter(f"{m} {p}" for t, m, p in list(self.seen) if t >= since)
-
-
-class _Relay(BaseHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
-
-    def _relay(self) -> None:
-        server: CountingProxy = self.server  # type: ignore[assignment]
-        server.seen.append((time.monotonic(), self.command, self.path.split("?")[0]))
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        conn = http.client.HTTPConnection(server.target.hostname, server.target.port, timeout=30)
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
-        conn.request(self.command, self.path, body=body or None, headers=headers)
-        response = conn.getresponse()
-        data = response.read()
-        self.send_response(response.status)
-        for key, value in response.getheaders():
-            if key.lower() not in ("transfer-encoding", "connection", "content-length"):
-                self.send_header(key, value)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-        conn.close()
-
-    do_GET = do_POST = do_PUT = do_DELETE = _relay
 
 
 @pytest.fixture
@@ -367,22 +319,17 @@ def test_specs_install_yarn_writes_a_working_spec(tmp_path, yarn, proxy):
         gw.stop()
 
 
-async def test_a_later_manager_reattaches_from_provisioner_info(tmp_path, yarn, proxy, instance, monkeypatch):
+async def reattach_and_run(yarn, first, code: str, timeout: float = 60) -> None:
+    """A later manager (a restarted gateway) that knows only ``first``'s stored connection and provisioner info
+    re-attaches to its kernel, runs ``code`` there and shuts it down through the RM; the app is killed in any case."""
     from jupyter_client.manager import AsyncKernelManager
     from jupyter_client.provisioning import KernelProvisionerFactory
 
-    write_spec(tmp_path / "data", "yarn", {"rm_urls": [proxy.url], "am_command": yarn.am_command, "memory": "300m",
-                                           "port_range": PORTS, "instance_name": instance, "poll_interval": 0.5,
-                                           "response_host": yarn.gateway_address})
-    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "data"))
-    first = AsyncKernelManager(kernel_name="yarn")
-    await first.start_kernel()
-    app = yarn.kernel_app(instance, first.kernel_id)
+    info = await first.provisioner.get_provisioner_info()
     try:
-        info = await first.provisioner.get_provisioner_info()
-        assert info["app_id"] == app["id"] and info["am_host"] and LOW <= info["control_port"] <= HIGH, info
-        # a later manager (a restarted gateway) knows only the stored connection and provisioner info
-        later = AsyncKernelManager(kernel_name="yarn", kernel_id=first.kernel_id)
+        app = yarn.app(info["app_id"])
+        assert app["name"] == first.kernel_id and app["state"] == "RUNNING" and info["am_host"], (info, app)
+        later = AsyncKernelManager(kernel_name=first.kernel_name, kernel_id=first.kernel_id)
         later.load_connection_info(first.get_connection_info())
         later.provisioner = KernelProvisionerFactory.instance().create_provisioner_instance(
             first.kernel_id, later.kernel_spec, parent=later)
@@ -392,15 +339,32 @@ async def test_a_later_manager_reattaches_from_provisioner_info(tmp_path, yarn, 
         client.start_channels()
         try:
             await client.wait_for_ready(timeout=60)
-            reply = await client.execute_interactive("import os; print(os.environ['CONTAINER_ID'])", timeout=60)
-            assert reply["content"]["status"] == "ok"
+            reply = await client.execute_interactive(code, timeout=timeout)
+            assert reply["content"]["status"] == "ok", reply["content"]
         finally:
             client.stop_channels()
         await later.shutdown_kernel(now=True)
-        assert yarn.app(app["id"])["state"] in FINAL
+        assert yarn.app(info["app_id"])["state"] in FINAL
     finally:
-        if yarn.app(app["id"])["state"] not in FINAL:
-            yarn.rest("PUT", f"/apps/{app['id']}/state", {"state": "KILLED"})
+        if yarn.app(info["app_id"])["state"] not in FINAL:
+            yarn.rest("PUT", f"/apps/{info['app_id']}/state", {"state": "KILLED"})
+        await first.cleanup_resources()  # its control socket, else the interpreter's exit waits on its context
+
+
+# one loop for every in-process YARN test: the provisioners' response listener and RM watcher are per process
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_later_manager_reattaches_from_provisioner_info(tmp_path, yarn, proxy, instance, monkeypatch):
+    from jupyter_client.manager import AsyncKernelManager
+
+    write_spec(tmp_path / "data", "yarn", {"rm_urls": [proxy.url], "am_command": yarn.am_command, "memory": "300m",
+                                           "port_range": PORTS, "instance_name": instance, "poll_interval": 0.5,
+                                           "response_host": yarn.gateway_address})
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "data"))
+    first = AsyncKernelManager(kernel_name="yarn")
+    await first.start_kernel()
+    info = await first.provisioner.get_provisioner_info()
+    assert LOW <= info["control_port"] <= HIGH, info
+    await reattach_and_run(yarn, first, "import os; print(os.environ['CONTAINER_ID'])")
 
 
 def test_am_command_reaches_bash_verbatim(tmp_path):

@@ -3,7 +3,9 @@
 It accepts EG's ``--RemoteProcessProxy.*`` arguments, runs ipykernel in-process, reports the
 connection info as EG's version-1 payload (AES-ECB + RSA PKCS#1 v1.5, no launch token) and serves
 EG's plain-JSON comm port (``{"signum": N}``), so the tests can show an EG kernelspec and image
-working unchanged against our gateway. Test-only: real EG images carry EG's own launcher.
+working unchanged against our gateway. With ``--RemoteProcessProxy.spark-context-initialization-mode
+eager`` (as EG's Spark kernelspecs pass it) it creates a SparkSession as ``spark`` before it reports.
+Test-only: real EG images carry EG's own launcher.
 """
 
 import argparse
@@ -22,7 +24,7 @@ from cryptography.hazmat.primitives.serialization import load_der_public_key
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    for name in ("kernel-id", "response-address", "public-key", "port-range"):
+    for name in ("kernel-id", "response-address", "public-key", "port-range", "spark-context-initialization-mode"):
         parser.add_argument(f"--RemoteProcessProxy.{name}", dest=name.replace("-", "_"))
     args, _ = parser.parse_known_args()
 
@@ -34,6 +36,11 @@ def main() -> None:
     config.IPKernelApp.ip = "0.0.0.0"
     app = IPKernelApp.instance(config=config)
     app.initialize([])
+    if args.spark_context_initialization_mode == "eager":
+        from pyspark.sql import SparkSession
+
+        spark = SparkSession.builder.getOrCreate()
+        app.kernel.shell.user_ns.update(spark=spark, sc=spark.sparkContext)
 
     comm = socket.socket()
     comm.bind(("0.0.0.0", 0))
