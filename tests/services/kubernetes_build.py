@@ -29,6 +29,7 @@ import tarfile
 import time
 from pathlib import Path
 
+from .apt import install_missing
 from .docker_engine import HASH_LABEL, _file_lock, build_images, ensure_docker
 
 K8S_VERSION = "1.34.4"
@@ -67,24 +68,9 @@ def _run(cmd: list[str], timeout: float, what: str, **kwargs) -> subprocess.Comp
 
 # ------------------------------------------------------------------------------------------ packages
 
-def _missing_packages() -> list[str]:
-    proc = subprocess.run(["dpkg-query", "-W", "-f", "${Package} ${db:Status-Status}\n", *APT_PACKAGES],
-                          capture_output=True, text=True, timeout=60)
-    installed = {line.split()[0] for line in proc.stdout.splitlines() if line.endswith(" installed")}
-    return [p for p in APT_PACKAGES if p not in installed]
-
-
 def install_packages(timeout: float = 900.0) -> None:
-    """apt-get install what the node needs, when something is missing (apt's own lock serialises)."""
-    missing = _missing_packages()
-    if not missing:
-        return
-    log(f"installing {' '.join(missing)} with apt")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    wait = ["-o", f"DPkg::Lock::Timeout={int(timeout)}"]  # another test session may be running apt
-    _run(["apt-get", *wait, "update", "-qq"], timeout, "apt-get update", env=env)
-    _run(["apt-get", *wait, "install", "-y", "-qq", "--no-install-recommends", *missing], timeout,
-         "apt-get install", env=env)
+    """apt-get install what the node needs, when something is missing."""
+    install_missing(APT_PACKAGES, timeout, log)
 
 
 # ------------------------------------------------------------------------------------------ binaries
