@@ -20,7 +20,7 @@ from traitlets.config import Application
 
 from launchers import PYTHON_LAUNCHER
 
-__all__ = ["SSHSpecApp", "SpecsApp", "YarnSparkSpecApp", "YarnSpecApp", "launcher_argv"]
+__all__ = ["KubernetesSpecApp", "SSHSpecApp", "SpecsApp", "YarnSparkSpecApp", "YarnSpecApp", "launcher_argv"]
 
 LAUNCHER = PYTHON_LAUNCHER
 
@@ -163,6 +163,39 @@ class DockerSwarmSpecApp(DockerSpecApp):
     provisioner_name = "docker-swarm-provisioner"
 
 
+class KubernetesSpecApp(DockerSpecApp):
+    """``specs install kubernetes --name N --image I``: a kernelspec for kernels as Kubernetes pods."""
+
+    name = "kernel-gateway specs install kubernetes"
+    provisioner_name = "kubernetes-provisioner"
+    namespace = Unicode("", config=True, help="Namespace of the kernel pods; empty: the gateway's own.")
+    namespace_mode = Unicode("", config=True, help="'shared' (the default) or 'per-kernel'.")
+    image_pull_policy = Unicode("", config=True, help="Always, IfNotPresent (the default) or Never.")
+    service_account = Unicode("", config=True, help="Service account of the kernel pods.")
+    aliases = {
+        **_InstallApp.aliases,
+        "image": "DockerSpecApp.image",
+        "bootstrap": "DockerSpecApp.bootstrap",
+        "namespace": "KubernetesSpecApp.namespace",
+        "namespace-mode": "KubernetesSpecApp.namespace_mode",
+        "image-pull-policy": "KubernetesSpecApp.image_pull_policy",
+        "service-account": "KubernetesSpecApp.service_account",
+    }
+
+    def provisioner_config(self) -> dict[str, Any]:
+        self.require(self.image, "--image")
+        choices = {"namespace_mode": ("shared", "per-kernel"), "image_pull_policy": ("Always", "IfNotPresent", "Never")}
+        for option, allowed in choices.items():
+            if getattr(self, option) and getattr(self, option) not in allowed:
+                print(f"{self.name}: --{option.replace('_', '-')} must be one of {', '.join(allowed)}", file=sys.stderr)
+                self.exit(2)
+        config: dict[str, Any] = {"image": self.image}
+        for option in ("namespace", "namespace_mode", "image_pull_policy", "service_account"):
+            if getattr(self, option):
+                config[option] = getattr(self, option)
+        return config
+
+
 class _YarnSpecApp(_InstallApp):
     """Options shared by both YARN kernelspec kinds."""
 
@@ -252,6 +285,7 @@ class InstallApp(Application):
         "ssh": (SSHSpecApp, SSHSpecApp.__doc__.splitlines()[0]),
         "docker": (DockerSpecApp, DockerSpecApp.__doc__.splitlines()[0]),
         "docker-swarm": (DockerSwarmSpecApp, DockerSwarmSpecApp.__doc__.splitlines()[0]),
+        "kubernetes": (KubernetesSpecApp, KubernetesSpecApp.__doc__.splitlines()[0]),
         "yarn": (YarnSpecApp, YarnSpecApp.__doc__.splitlines()[0]),
         "yarn-spark": (YarnSparkSpecApp, YarnSparkSpecApp.__doc__.splitlines()[0]),
     }

@@ -380,13 +380,17 @@ def report_once(target: tuple[str, int], payload: dict, kernel_id: str, public_k
         raise ConnectionError("the acknowledgement did not verify (not from the gateway that holds the key)")
 
 
+#: Ports of the range promised to a socket that binds later (the heartbeat's): random binds skip them.
+RESERVED_PORTS: set[int] = set()
+
+
 def confine_random_ports(port_range: tuple[int, int] | None, spare: list[int]) -> None:
     """Make every random-port bind in this process (kernel channels, the iopub pipe) stay in the range."""
     if port_range is None:
         return
-    import zmq
+    import random
 
-    bind_random = zmq.Socket.bind_to_random_port
+    import zmq
 
     def bind_in_port_range(sock, addr, min_port=0, max_port=0, max_tries=0):
         while spare:
@@ -396,7 +400,16 @@ def confine_random_ports(port_range: tuple[int, int] | None, spare: list[int]) -
                 return port
             except zmq.ZMQError:
                 continue
-        return bind_random(sock, addr, port_range[0], port_range[1] + 1, max_tries=500)
+        for _ in range(500):
+            port = random.randint(port_range[0], port_range[1])
+            if port in RESERVED_PORTS:
+                continue
+            try:
+                sock.bind(f"{addr}:{port}")
+                return port
+            except zmq.ZMQError:
+                continue
+        raise zmq.ZMQBindError(f"no free port in {port_range[0]}..{port_range[1]} after 500 tries")
 
     zmq.Socket.bind_to_random_port = bind_in_port_range
 
@@ -469,7 +482,8 @@ def main(argv: list[str] | None = None) -> None:
 
     hb_probe = socket.socket()
     hb_port = bind_in_range(hb_probe, args.ip, port_range)
-    hb_probe.close()  # the heartbeat thread binds it itself a moment later
+    hb_probe.close()  # the heartbeat thread binds it itself a moment later: until then no channel may take it
+    RESERVED_PORTS.add(hb_port)
 
     config = Config()
     config.Session.key = secrets.token_hex(32).encode()

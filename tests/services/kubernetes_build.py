@@ -41,6 +41,7 @@ K8S_COMMANDS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "
 APT_PACKAGES = ("containerd", "runc", "containernetworking-plugins", "iptables", "conntrack", "gcc", "libc6-dev")
 PAUSE_IMAGE = "localhost/kgw/pause:3.10"
 KERNEL_REPOSITORY = "localhost/kgw/kernel-python"
+GATEWAY_REPOSITORY = "localhost/kgw/gateway"
 
 
 def log(message: str) -> None:
@@ -191,6 +192,12 @@ def kernel_image(timeout: float = 3600.0) -> tuple[str, Path]:
     """(name, tarball) of the project's Python kernel image, built with the Docker tests' builder (a no-op
     when Docker has it) and saved as ``localhost/kgw/kernel-python:<inputs hash>``."""
     return saved_image(build_images(ensure_docker())["kernel"], KERNEL_REPOSITORY, "kernel-python", timeout)
+
+
+def gateway_image(timeout: float = 3600.0) -> tuple[str, Path]:
+    """(name, tarball) of the project's gateway image (the root ``Dockerfile``), as :func:`kernel_image` does
+    for the kernel image; for the Helm chart's tests."""
+    return saved_image(build_images(ensure_docker())["gateway"], GATEWAY_REPOSITORY, "gateway", timeout)
 
 
 def saved_image(tag: str, repository: str, prefix: str, timeout: float = 600.0) -> tuple[str, Path]:

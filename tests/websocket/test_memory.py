@@ -178,7 +178,7 @@ def test_slow_client_is_let_go_at_the_backlog_bound(start_gw):
         with KernelWS(gw, kernel_id) as driver:
             flood_id = driver.execute(flood)
         assert drained_to_the_end(sock, time.monotonic() + 120), "the stalled client was never disconnected"
-        wait_until(lambda: "the kernel's output buffer is full: " + CLOSE_REASON in gw.log(), 10,
+        wait_until(lambda: "the kernel's output buffer is full: " + CLOSE_REASON in gw.log(), 60,
                    what="the close reason in the log")
         with KernelWS(gw, kernel_id, session_id="slow", skip_utf8_validation=True) as back:
             _, seen = back.recv_until(lambda m: m.get("parent_header", {}).get("msg_id") == flood_id
