@@ -70,9 +70,9 @@ def translate_metadata(name: str, metadata: dict[str, Any]) -> dict[str, Any]:
             translated[key] = _as_list(value)
         elif key == "remote_hosts":
             config["remote_hosts"] = _as_list(value)
-        elif key in ("yarn_endpoint", "alt_yarn_endpoint"):  # EG's RM and its HA standby: one list here
-            config.setdefault("rm_urls", [])
-            config["rm_urls"] = ([value] + config["rm_urls"]) if key == "yarn_endpoint" else config["rm_urls"] + [value]
+        elif key in ("yarn_endpoint", "alt_yarn_endpoint"):  # EG's RM and its HA standby: one list, the RM first
+            urls = config.get("rm_urls", [])
+            config["rm_urls"] = [value, *urls] if key == "yarn_endpoint" else [*urls, value]
         else:
             config[CONFIG_MAP.get(key, key)] = value
     translated["kernel_provisioner"] = {"provisioner_name": provisioner, "config": config}

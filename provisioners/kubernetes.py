@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
 from typing import Any
 from urllib.parse import urlparse
 
@@ -31,6 +30,7 @@ from .errors import BackendError, CapacityError, LaunchError, LaunchRequestError
 from .handshake import LaunchInfo
 from .kubernetes_pod import dns_label, load_template, parse_toleration, render_pod
 from .kubernetes_watch import PodFailure, PodState, PodWatcher, api_reason, apply_pod, delete_if_present, own_namespace
+from .remote import route_address
 
 __all__ = ["KubernetesProvisioner"]
 
@@ -172,13 +172,7 @@ class KubernetesProvisioner(ContainerProvisioner):
             return self.response_host
         watcher = await self.watcher(reap=True)
         api = urlparse(watcher.api.configuration.host)
-
-        def route() -> str:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-                sock.connect((api.hostname, api.port or 443))  # UDP: picks the route, sends nothing
-                return sock.getsockname()[0]
-
-        host = await run_blocking(route)
+        host = await run_blocking(route_address, api.hostname, api.port or 443)
         if host.startswith("127.") or host == "::1":
             raise LaunchError(f"the Kubernetes API is reached over loopback ({api.hostname}), so pods could not reach "
                               "this gateway at the same address; set response_host to an address pods can reach")

@@ -30,7 +30,7 @@ from .errors import BackendError, LaunchError, LaunchRequestError, LaunchTimeout
 from .handshake import LaunchInfo, ResponseListener
 from .ports import PortRangeOption
 
-__all__ = ["RemoteProvisioner", "control_request", "impersonated_user", "is_user_name"]
+__all__ = ["RemoteProvisioner", "control_request", "impersonated_user", "is_user_name", "route_address"]
 
 _USER_NAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 
@@ -38,6 +38,15 @@ _USER_NAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 def is_user_name(name: str) -> bool:
     """Whether ``name`` is a plain POSIX user name (inert in a command line, a URL or a shell ``eval``)."""
     return bool(_USER_NAME.match(name))
+
+
+def route_address(host: str, port: int) -> str:
+    """This machine's address on the route to ``host`` (blocking: name resolution; run it off the loop).
+
+    A connected UDP socket makes the kernel pick the route and source address; nothing is sent."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.connect((host, port))
+        return sock.getsockname()[0]
 
 
 def impersonated_user(env: dict[str, str]) -> str:

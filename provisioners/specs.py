@@ -91,8 +91,9 @@ class _InstallApp(Application):
             "interrupt_mode": "message",
             "metadata": {"kernel_provisioner": {"provisioner_name": self.provisioner_name, "config": config}},
         }
-        if self.spec_env():
-            spec["env"] = self.spec_env()
+        env = self.spec_env()
+        if env:
+            spec["env"] = env
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "kernel.json").write_text(json.dumps(spec, indent=2))
             dest = KernelSpecManager().install_kernel_spec(

@@ -25,7 +25,6 @@ from .remote import RemoteProvisioner, impersonated_user
 __all__ = ["SSHProvisioner"]
 
 
-
 class _Hosts:
     """Connections and kernel counts per host, shared by all SSH kernels of the process."""
 

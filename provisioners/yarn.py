@@ -24,7 +24,6 @@ import base64
 import json
 import re
 import shlex
-import socket
 import time
 from typing import Any
 from urllib.parse import urlparse
@@ -37,7 +36,7 @@ from ._blocking import run_blocking
 from ._payloads import LaunchInfo
 from .container import _number, parse_memory
 from .errors import BackendError, CapacityError, LaunchError, LaunchRequestError
-from .remote import RemoteProvisioner, _timeout
+from .remote import RemoteProvisioner, _timeout, impersonated_user, route_address
 from .yarn_auth import RMAuth, check_setting
 from .yarn_rm import ApplicationWatcher, AppState, YarnAPIError
 
@@ -47,7 +46,6 @@ SECRET_KEY = "kernel_gateway.launch"
 TAG = "kernel_gateway"
 _NM_MARKERS = re.compile(r"\{\{|\}\}|<LOG_DIR>|<CPS>")
 _TAG_UNSAFE = re.compile(r"[^a-z0-9._@-]")
-_USERNAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 
 
 def _launcher_function(name: str) -> str:
@@ -178,7 +176,6 @@ class YarnProvisioner(RemoteProvisioner):
             raise TraitError(str(exc)) from None
         return proposal["value"]
 
-
     #: AM container logs whose tail a failed start's message quotes
     diagnostic_logs: tuple[str, ...] = ("stderr",)
     app_id: str | None = None
@@ -222,6 +219,11 @@ class YarnProvisioner(RemoteProvisioner):
         return ApplicationWatcher.instance(self.rm_urls, app_tag("kg-instance:", self.instance_label),
                                            self.poll_interval, self.rm_timeout, auth)
 
+    def app_tags(self, env: dict[str, str]) -> list[str]:
+        """The application's tags: ours, this gateway's instance, the kernel id and the client's user name."""
+        user = env.get("KERNEL_USERNAME", "")
+        return [TAG, self.watcher.tag, app_tag("kg-kernel:", self.kernel_id)] + ([app_tag("kg-user:", user)] if user else [])
+
     @property
     def app(self) -> AppState | None:
         return self.watcher.apps.get(self.app_id) if self.app_id else None
@@ -264,14 +266,8 @@ class YarnProvisioner(RemoteProvisioner):
         if self.response_host:
             return self.response_host
         url = urlparse(self.rm_urls[self.watcher.rm.active])
-
-        def route() -> str:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-                sock.connect((url.hostname, url.port or 80))  # UDP: picks the route, sends nothing
-                return sock.getsockname()[0]
-
         try:
-            return await run_blocking(route)
+            return await run_blocking(route_address, url.hostname, url.port or 80)
         except OSError:
             return "127.0.0.1"
 
@@ -280,12 +276,9 @@ class YarnProvisioner(RemoteProvisioner):
         resources = self.yarn_resources(env)
         command = self.am_command_line(cmd)
         secret = base64.b64encode(json.dumps({"token": token, "env": env}).encode()).decode()
-        user = env.get("KERNEL_USERNAME", "")
-        if self.impersonate and not _USERNAME.match(user):
-            raise LaunchRequestError(f"KERNEL_USERNAME {user!r} is not a valid user name for impersonation")
-        as_user = self.watcher.rm.as_user(user) if self.impersonate else {}  # user.name, or doAs under Kerberos
         watcher = self.watcher
         rm = watcher.rm
+        as_user = rm.as_user(impersonated_user(env)) if self.impersonate else {}  # user.name, or doAs (Kerberos)
         await watcher.reap(set(watcher.apps))
         try:
             new = await rm.acall("request", "/ws/v1/cluster/apps/new-application", "POST", **as_user)
@@ -300,8 +293,7 @@ class YarnProvisioner(RemoteProvisioner):
             "application-id": app_id, "application-name": self.kernel_id, "application-type": "JUPYTER",
             "queue": resources["queue"], "priority": resources["priority"], "max-app-attempts": 1,
             "resource": {"memory": resources["memory"], "vCores": resources["vcores"]},
-            "application-tags": {"tag": [TAG, watcher.tag, app_tag("kg-kernel:", self.kernel_id)]
-                                 + ([app_tag("kg-user:", user)] if user else [])},
+            "application-tags": {"tag": self.app_tags(env)},
             "am-container-spec": {
                 "commands": {"command": command},
                 "credentials": {"secrets": {"entry": [{"key": SECRET_KEY, "value": secret}]}},

@@ -89,14 +89,11 @@ class RMAuth:
 
     def check(self) -> None:
         """Raise ``ValueError`` naming what to fix when the settings cannot work (before any request)."""
-        if self.kerberos and self.keytab:
-            if not self.principal:
-                raise ValueError("rm_keytab is set but rm_principal is empty: name the keytab's client principal "
-                                 "(GATEWAY_YARN_RM_PRINCIPAL)")
-            if not os.access(self.keytab, os.R_OK):
-                raise ValueError(f"rm_keytab {self.keytab!r} is not a readable file")
-        if self.ca_bundle and not os.access(self.ca_bundle, os.R_OK):
-            raise ValueError(f"rm_ca_bundle {self.ca_bundle!r} is not a readable file")
+        if self.kerberos and self.keytab and not self.principal:
+            raise ValueError("rm_keytab is set but rm_principal is empty: name the keytab's client principal "
+                             "(GATEWAY_YARN_RM_PRINCIPAL)")
+        check_setting("rm_keytab", self.keytab if self.kerberos else "")
+        check_setting("rm_ca_bundle", self.ca_bundle)
 
     def requests_auth(self) -> Any:
         """The `requests` auth object: for simple, none beyond telling which scheme a 401 asks for; for kerberos, an

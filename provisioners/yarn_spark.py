@@ -46,7 +46,7 @@ from traitlets import Float, validate
 from .errors import LaunchError, LaunchRequestError
 from .ports import parse_port_range
 from .remote import _timeout, impersonated_user, is_user_name
-from .yarn import SECRET_KEY, TAG, YarnProvisioner, app_tag
+from .yarn import SECRET_KEY, YarnProvisioner, app_tag
 from .yarn_rm import LIVE_STATES
 
 __all__ = ["YarnSparkProvisioner", "hadoop_credentials"]
@@ -99,13 +99,10 @@ class YarnSparkProvisioner(YarnProvisioner):
         """Our spark-submit options: queue, driver resources, priority, tags, node label, proxy user and, with a
         port range, the ports (``given``: the kernelspec's own options, whose port settings win)."""
         resources = self.yarn_resources(env)
-        user = env.get("KERNEL_USERNAME", "")
-        tags = [TAG, self.watcher.tag, app_tag("kg-kernel:", self.kernel_id)]
-        tags += [app_tag("kg-user:", user)] if user else []
         options = ["--queue", resources["queue"], "--driver-memory", f"{resources['memory']}m",
                    "--driver-cores", str(resources["vcores"]),
                    "--conf", f"spark.yarn.priority={resources['priority']}",
-                   "--conf", f"spark.yarn.tags={','.join(tags)}",
+                   "--conf", f"spark.yarn.tags={','.join(self.app_tags(env))}",
                    "--conf", "spark.yarn.submit.waitAppCompletion=false",
                    "--conf", "spark.yarn.maxAppAttempts=1"]
         if self.node_label:
