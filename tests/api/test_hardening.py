@@ -28,8 +28,11 @@ from tests.services.gateway import GatewayServer, free_port, start_gateway, wait
 ORIGIN = "https://lab.example.org"
 MISSING = "00000000-0000-4000-8000-000000000000"
 JSON_HEADERS = {"Content-Type": "application/json"}
-#: Writes hostile output (ANSI colour, a carriage return, a forged log line), then never answers.
-NOISY_ARGV = ["python", "-c", "import sys, time; sys.stdout.write('kgw-noisy\\x1b[31m red\\r[E 00:00:00.000 forged] "
+#: Writes hostile output (ANSI colour, a carriage return, a forged log line), then never answers. It ignores
+#: SIGINT, as a kernel survives an interrupt: the gateway interrupts before it kills, and Python's own
+#: KeyboardInterrupt traceback in the kernel's output would be taken for one of the gateway's on a slow machine.
+NOISY_ARGV = ["python", "-c", "import signal, sys, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+              "sys.stdout.write('kgw-noisy\\x1b[31m red\\r[E 00:00:00.000 forged] "
               "line\\n'); sys.stdout.flush(); time.sleep(600)", "kgw-noisy-marker"]
 #: An ipykernel that does not watch its parent (JPY_PARENT_PID emptied), so it outlives a killed gateway.
 ORPHAN_ARGV = ["/bin/sh", "-c", 'JPY_PARENT_PID= exec "$0" -m ipykernel_launcher -f "$1"', sys.executable,
