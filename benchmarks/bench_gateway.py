@@ -703,6 +703,15 @@ def f(v, nd=2):
     return str(v)
 
 
+def end_run(results: dict, report, json_path: Path | None) -> None:
+    """Note the load at the end, print the report (``report()``), and write every figure as JSON when asked."""
+    results["meta"]["loadavg_end"] = os.getloadavg()
+    report()
+    if json_path:
+        json_path.write_text(json.dumps(results, indent=2, default=str))
+        print(f"\nwrote {json_path}")
+
+
 def table(title, header, rows):
     print(f"\n== {title} ==")
     cols = [header] + [[f(c) if not isinstance(c, str) else c for c in r] for r in rows]

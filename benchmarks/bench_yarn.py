@@ -45,7 +45,7 @@ REPO = HERE.parent
 sys.path[:0] = [str(REPO), str(HERE)]
 
 import _procstat as ps  # noqa: E402
-from bench_gateway import log, table  # noqa: E402
+from bench_gateway import end_run, log, table  # noqa: E402
 
 from launchers.yarn import AM_MAIN_CLASS, build_am_jar  # noqa: E402
 from tests.integration.yarn.test_yarn_kernels import write_spec  # noqa: E402
@@ -313,12 +313,8 @@ def main(argv: list[str] | None = None) -> int:
             results["meta"]["error"] = f"{type(exc).__name__}: {exc}"
             log(f"FAILED: {results['meta']['error']}")
             status = 1
-    results["meta"]["loadavg_end"] = os.getloadavg()
     results["meta"].setdefault("cluster", {"nodes": []})
-    report(results, args)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=str))
-        print(f"\nwrote {args.json}")
+    end_run(results, lambda: report(results, args), args.json)
     return status
 
 

@@ -32,11 +32,14 @@ from .logs import configure_logging, log_request
 from .policy import GatewayPolicy
 from .sessions import SessionStore
 from .startup_checks import validate_all, validate_kernelspecs
+from .store import KernelStore, KernelStoreOptions, StoreUnavailable, open_store
 from .web import make_application
 
 __all__ = ["GatewayApp", "main"]
 
 DEFAULT_PROVISIONER = "local-port-range-provisioner"
+#: Seconds between attempts to read the kernel store when it could not be read at start-up.
+RESTORE_RETRY = 10.0
 
 aliases = {
     "ip": "GatewayApp.ip",
@@ -254,8 +257,8 @@ class GatewayApp(EnvConfigurable, Application):
 
     @property
     def classes(self) -> list[type]:  # type: ignore[override]
-        return [GatewayApp, GatewayPolicy, KernelRegistry, KernelCuller, CompatKernelSpecManager, ResponseListener,
-                *_provisioner_classes()]
+        return [GatewayApp, GatewayPolicy, KernelRegistry, KernelStoreOptions, KernelCuller, CompatKernelSpecManager,
+                ResponseListener, *_provisioner_classes()]
 
     def initialize(self, argv: list[str] | None = None) -> None:
         """Parse options, read config, validate everything; exit with a message on any error."""
@@ -288,9 +291,23 @@ class GatewayApp(EnvConfigurable, Application):
         self.registry = KernelRegistry(parent=self, policy=self.policy, kernel_spec_manager=self.kernel_spec_manager)
         self.culler = KernelCuller(parent=self, registry=self.registry)
         self.sessions = SessionStore(self.registry)
-        for configurable in (self.policy, self.registry, self.culler):
+        store_options = KernelStoreOptions(parent=self)
+        for configurable in (self.policy, self.registry, self.culler, store_options):
             validate_all(configurable)
+        self.registry.store = self._kernel_store(store_options)
         validate_kernelspecs(self.kernel_spec_manager, self.registry)
+
+    def _kernel_store(self, options: KernelStoreOptions) -> KernelStore | None:
+        """The kernel store; None when no key is configured and nothing asks for one (kernels then end with us)."""
+        keep = self.registry.on_stop == "keep"
+        if not (options.key or options.key_file) and options.kind == "sqlite" and not keep:
+            self.log.info("kernel store off (no KernelStoreOptions.key_file): kernels end with this gateway")
+            return None
+        try:
+            return open_store(options)
+        except StoreUnavailable as exc:
+            need = "KernelRegistry.on_stop=keep (GATEWAY_KERNELS_ON_STOP) needs the kernel store: " if keep else ""
+            raise TraitError(need + str(exc)) from None
 
     def _share_options(self) -> None:
         """Hand gateway-wide settings to the provisioner options that mean the same, unless those are set."""
@@ -367,19 +384,44 @@ class GatewayApp(EnvConfigurable, Application):
             self.log.critical("port %s on %s %s", self.port, self.ip, reason)
             raise SystemExit(1) from None
         await self.registry.start()
+        restoring = await self._restore_kernels(stop)
         await self.culler.start()
         state.phase = "ready"
         self._announce()
         await stop.wait()
         state.phase = "stopping"
-        self.log.info("shutting down: stopping %d kernels", len(self.registry.kernels))
+        self.log.info("shutting down: %s %d kernels", "keeping" if self.registry.on_stop == "keep" else "stopping",
+                      len(self.registry.kernels))
         server.stop()
+        if restoring is not None:
+            restoring.cancel()
         await self.culler.stop()
         await self.registry.stop()
         if ResponseListener._instance is not None:
             await ResponseListener._instance.stop()
         await server.close_all_connections()
         self.log.info("stopped")
+
+    async def _restore_kernels(self, stop: asyncio.Event) -> asyncio.Task | None:
+        """Re-attach the kernels an earlier gateway kept. When the store cannot be read, serve anyway (starts get
+        503 until it can be written) and return the task that keeps trying."""
+        try:
+            await self.registry.restore()
+            return None
+        except StoreUnavailable as exc:
+            self.log.error("kept kernels are not served yet; trying again every %gs: %s", RESTORE_RETRY, exc)
+
+        async def retry() -> None:
+            while not stop.is_set():
+                await asyncio.sleep(RESTORE_RETRY)
+                try:
+                    await self.registry.restore()
+                    self.log.info("the kernel store is readable again")
+                    return
+                except StoreUnavailable as exc:
+                    self.log.warning("still cannot read the kernel store: %s", exc)
+
+        return asyncio.create_task(retry())
 
     def _announce(self) -> None:
         url = f"http://{self.ip}:{self.port}{self.base_url}"

@@ -4,6 +4,8 @@ One :class:`DockerHost` per process holds the SDK client and the state of every 
 fed by ONE Docker events stream (and, for Swarm, one batched task query per interval for all
 kernels), so watching costs the same for 1 or 500 kernels. Every SDK call runs in the shared
 bounded thread pool; the events stream has a thread of its own because it blocks for good.
+Kernels re-attached by a later gateway join the same watch; one listing (shared by the
+re-attaches made together) gives their current state, including "gone" for a removed object.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Container
 
 import docker
 import docker.errors
@@ -25,6 +27,7 @@ from traitlets import Float, TraitError, validate
 from ._blocking import run_blocking
 from .container import LABEL, ContainerProvisioner, ContainerRequest
 from .errors import BackendError, LaunchError, LaunchRequestError
+from .kept import is_kept
 
 __all__ = ["DockerHost", "DockerProvisioner", "DockerSwarmProvisioner"]
 
@@ -43,6 +46,12 @@ class KernelState:
     status: str = "created"
     exit_code: int | None = None
     error: str = ""  # the engine's reason, when it gave one (a rejected Swarm task)
+    exists_since: float | None = None  # monotonic time from which the container/service is known to exist
+
+    def ended(self, code: int | None, error: str = "") -> None:
+        """Record the end once: a later report (an older listing, a second event) changes nothing."""
+        if self.exit_code is None:
+            self.status, self.exit_code, self.error = "exited", -1 if code is None else code, error
 
 
 class DockerHost:
@@ -58,6 +67,7 @@ class DockerHost:
         self._lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._poller: asyncio.Task | None = None
+        self._refresh: asyncio.Future | None = None
         self.poll_interval = 1.0
 
     @classmethod
@@ -98,12 +108,64 @@ class DockerHost:
 
     def _resync(self) -> None:
         """Catch up with exits that happened while no stream was open (runs in the events thread)."""
+        listing = self._listing(swarm=False)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._apply, listing)
+
+    def _listing(self, swarm: bool) -> tuple[float, dict[str, dict], dict[str, dict] | None]:
+        """One listing of every kernel container (and, with ``swarm``, every kernel service's latest task): its
+        start time, container state by kernel id, and task by kernel id (None: services not listed). Blocking."""
         assert self.client is not None
-        for container in self.client.containers.list(all=True, filters={"label": [KERNEL_LABEL], "status": "exited"}):
-            kernel_id = container.labels.get(KERNEL_LABEL)
-            code = container.attrs.get("State", {}).get("ExitCode", -1)
-            if kernel_id and self._loop is not None:
-                self._loop.call_soon_threadsafe(self._on_event, kernel_id, "die", {"exitCode": str(code)})
+        started = time.monotonic()
+        containers = {c.labels.get(KERNEL_LABEL): c.attrs.get("State", {})
+                      for c in self.client.containers.list(all=True, filters={"label": [KERNEL_LABEL]})}
+        tasks = None
+        if swarm:
+            services = self.client.services.list(filters={"label": KERNEL_LABEL})
+            latest = self._latest_tasks(self.client.api.tasks(filters={"label": KERNEL_LABEL}))
+            # only listed services: a removed service's tasks linger a while with their last state
+            tasks = {kernel_id: latest.get(kernel_id, {}) for kernel_id in
+                     (s.attrs.get("Spec", {}).get("Labels", {}).get(KERNEL_LABEL) for s in services)}
+        return started, containers, tasks
+
+    def _apply(self, listing: tuple[float, dict[str, dict], dict[str, dict] | None]) -> None:
+        """Update the tracked kernels from a listing. A container or service missing from it is gone, if it
+        existed before the listing began (one being created now is not listed yet)."""
+        started, containers, tasks = listing
+        for kernel_id, state in self.states.items():
+            existed = state.exists_since is not None and state.exists_since <= started
+            if kernel_id in self.swarm_kernels:
+                if tasks is None:
+                    continue
+                if kernel_id in tasks:
+                    self._apply_task(state, tasks[kernel_id])
+                elif existed:
+                    state.ended(None)  # the service was removed
+            elif kernel_id in containers:
+                container = containers[kernel_id]
+                if container.get("Running"):
+                    state.status = "running" if state.exit_code is None else state.status
+                elif container.get("Status") in ENDED:
+                    state.ended(container.get("ExitCode"))
+            elif existed:
+                state.ended(None)  # the container was removed
+
+    async def refresh(self) -> None:
+        """Bring every tracked kernel's state up to date with one listing that began after this call (re-attach).
+
+        Concurrent callers (a gateway re-attaching all its kernels) share one listing."""
+        if self._refresh is None:
+            self._refresh = asyncio.ensure_future(self._refresh_soon())
+        await asyncio.shield(self._refresh)
+
+    async def _refresh_soon(self) -> None:
+        await asyncio.sleep(0)  # let the re-attaches started together join this listing
+        self._refresh = None  # a later caller needs a listing that begins after it tracked its kernel
+        swarm = bool(self.swarm_kernels)
+        try:
+            self._apply(await run_blocking(self._listing, swarm))
+        except docker.errors.DockerException as exc:
+            raise BackendError(f"cannot list kernel containers on the Docker engine: {exc}") from exc
 
     def _on_event(self, kernel_id: str, status: str, attributes: dict[str, str]) -> None:
         if kernel_id in self.swarm_kernels:
@@ -118,8 +180,9 @@ class DockerHost:
             code = attributes.get("exitCode")
             state.exit_code = int(code) if code and code.lstrip("-").isdigit() else -1
 
-    def track(self, kernel_id: str, swarm: bool = False) -> KernelState:
-        state = self.states[kernel_id] = KernelState()
+    def track(self, kernel_id: str, swarm: bool = False, exists: bool = False) -> KernelState:
+        """Watch ``kernel_id``'s container (or, with ``swarm``, service); ``exists``: it is already there (re-attach)."""
+        state = self.states[kernel_id] = KernelState(exists_since=time.monotonic() if exists else None)
         if swarm:
             self.swarm_kernels.add(kernel_id)
             if self._poller is None:
@@ -138,29 +201,50 @@ class DockerHost:
             await asyncio.sleep(self.poll_interval)
             if not self.swarm_kernels:
                 continue
+            began = time.monotonic()
             try:
                 tasks = await run_blocking(api.tasks, filters={"label": KERNEL_LABEL})
             except docker.errors.DockerException as exc:
                 log.warning("swarm task query failed: %s", exc)
                 continue
-            latest: dict[str, dict] = {}
-            for task in tasks:
-                kernel_id = task.get("Spec", {}).get("ContainerSpec", {}).get("Labels", {}).get(KERNEL_LABEL)
-                if kernel_id and task.get("CreatedAt", "") >= latest.get(kernel_id, {}).get("CreatedAt", ""):
-                    latest[kernel_id] = task
+            latest = self._latest_tasks(tasks)
+            missing = False
             for kernel_id in list(self.swarm_kernels):
                 state, task = self.states.get(kernel_id), latest.get(kernel_id)
-                if state is None or task is None:
+                if state is None:
                     continue
-                status = task.get("Status", {})
-                state.status = status.get("State", state.status)
-                if state.status in TASK_ENDED and state.exit_code is None:
-                    code = status.get("ContainerStatus", {}).get("ExitCode")
-                    state.exit_code = int(code) if code is not None else -1
-                    state.error = status.get("Err", "")
+                if task is not None:
+                    self._apply_task(state, task)
+                elif state.exit_code is None and state.exists_since is not None and state.exists_since <= began:
+                    missing = True
+            if missing:  # a service without tasks may have been removed: one listing of services tells
+                try:
+                    self._apply(await run_blocking(self._listing, True))
+                except docker.errors.DockerException as exc:
+                    log.warning("swarm service query failed: %s", exc)
 
-    async def reap(self, instance: str, keep: set[str]) -> None:
-        """Remove containers and services a previous run of this gateway instance left behind."""
+    @staticmethod
+    def _latest_tasks(tasks: list[dict]) -> dict[str, dict]:
+        """Each kernel's newest task."""
+        latest: dict[str, dict] = {}
+        for task in tasks:
+            kernel_id = task.get("Spec", {}).get("ContainerSpec", {}).get("Labels", {}).get(KERNEL_LABEL)
+            if kernel_id and task.get("CreatedAt", "") >= latest.get(kernel_id, {}).get("CreatedAt", ""):
+                latest[kernel_id] = task
+        return latest
+
+    @staticmethod
+    def _apply_task(state: KernelState, task: dict) -> None:
+        status = task.get("Status", {})
+        if state.exit_code is None:
+            state.status = status.get("State", state.status)
+        if state.status in TASK_ENDED:
+            code = status.get("ContainerStatus", {}).get("ExitCode")
+            state.ended(int(code) if code is not None else None, status.get("Err", ""))
+
+    async def reap(self, instance: str, keep: Container[str]) -> None:
+        """Remove containers and services a previous run of this gateway instance left behind, except those of
+        the kernels in ``keep``; it is read at each removal, so pass a live view (kernels re-attached meanwhile)."""
         if instance in self.reaped:
             return
         self.reaped.add(instance)
@@ -173,7 +257,7 @@ class DockerHost:
         for kind, items in (("service", services), ("container", containers)):
             for item in items:
                 labels = item.attrs.get("Spec", {}).get("Labels", {}) if kind == "service" else item.labels
-                if labels.get(KERNEL_LABEL) in keep:
+                if labels.get(KERNEL_LABEL) in keep or is_kept(labels.get(KERNEL_LABEL, "")):
                     continue
                 log.warning("removing %s %s left by an earlier run of gateway %r", kind, item.name, instance)
                 try:
@@ -194,8 +278,8 @@ class DockerProvisioner(ContainerProvisioner):
 
     async def _client(self) -> docker.DockerClient:
         client = await self.host.connect()
-        keep = set(self.host.states)
-        await self.host.reap(self.instance_label, keep)
+        # the live map, not a copy: a kernel re-attached while the reaper lists is kept too
+        await self.host.reap(self.instance_label, self.host.states)
         return client
 
     async def advertised_host(self) -> str:
@@ -237,6 +321,7 @@ class DockerProvisioner(ContainerProvisioner):
             self.host.forget(self.kernel_id)
             raise LaunchError(f"Docker refused the kernel {'service' if self.swarm else 'container'}: {exc}") from exc
         state.status = "running" if state.status == "created" else state.status
+        state.exists_since = time.monotonic()
         self.log.info("kernel %s: %s %s started from %s", self.kernel_id, "service" if self.swarm else "container",
                       request.name, request.image)
 
@@ -301,9 +386,22 @@ class DockerProvisioner(ContainerProvisioner):
         self.host.forget(self.kernel_id)
 
     async def get_provisioner_info(self) -> dict[str, Any]:
+        """Calls ``super()`` first; adds the container's (Swarm: the service's) id."""
         info = await super().get_provisioner_info()
         info["object_id"] = self._object_id
         return info
+
+    async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
+        """Calls ``super()`` first; watches the stored container (Swarm: service) again through the shared events
+        watch and reads its current state in a listing shared with the other re-attaches; the reaping of this
+        gateway's earlier leftovers keeps it."""
+        await super().load_provisioner_info(provisioner_info)
+        self._object_id = provisioner_info.get("object_id")
+        if not self._object_id:
+            return
+        await self.host.connect()
+        self.host.track(self.kernel_id, swarm=self.swarm, exists=True)
+        await self.host.refresh()
 
 
 def _own_address(client: docker.DockerClient, network: str) -> str | None:

@@ -232,10 +232,7 @@ class KubernetesProvisioner(ContainerProvisioner):
         namespace, create = self._pod_namespace(env, await self._shared_namespace())
         account = self.service_account or ("kernel" if create else "")
         values = self.pod_values(request, namespace, account)
-        try:
-            pod = render_pod(load_template(self.pod_template), values)
-        except ValueError as exc:
-            raise LaunchError(f"pod_template {self.pod_template or 'kernel-pod.yaml.j2'}: {exc}") from None
+        pod = self.render_pod(values)
         watcher = await self.watcher(reap=True)
         labels = values["labels"]
         secret = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "stringData": {TOKEN_KEY: token},
@@ -246,7 +243,7 @@ class KubernetesProvisioner(ContainerProvisioner):
         try:
             if create:
                 await run_blocking(self._create_namespace, watcher, namespace, account, labels)
-            uid = await run_blocking(self._create_pod, watcher, pod, secret)
+            uid = await self.create_kernel_pod(watcher, pod, secret)
         except ApiException as exc:
             reason = api_reason(exc)
             if exc.status in (400, 422):  # a value the API server does not accept (e.g. from the client)
@@ -258,6 +255,18 @@ class KubernetesProvisioner(ContainerProvisioner):
             raise LaunchError(f"the Kubernetes API did not answer: {exc}", kernel_id=self.kernel_id) from exc
         watcher.bind(self.kernel_id, uid)
         self.log.info("kernel %s: pod %s/%s created from %s", self.kernel_id, namespace, request.name, request.image)
+
+    def render_pod(self, values: dict[str, Any]) -> dict[str, Any]:
+        """The pod ``pod_template`` renders with ``values``; :class:`LaunchError` when it does not render to a Pod."""
+        try:
+            return render_pod(load_template(self.pod_template), values)
+        except ValueError as exc:
+            raise LaunchError(f"pod_template {self.pod_template or 'kernel-pod.yaml.j2'}: {exc}") from None
+
+    async def create_kernel_pod(self, watcher: PodWatcher, pod: dict, secret: dict) -> str:
+        """Create the launch token's ``secret`` and the kernel ``pod`` (replacing leftovers of the same kernel);
+        the pod's uid. Called from :meth:`start_launcher`; may raise ``ApiException`` or urllib3's errors."""
+        return await run_blocking(self._create_replacing, watcher, secret, pod)
 
     def _create_namespace(self, watcher: PodWatcher, namespace: str, account: str, labels: dict[str, str]) -> None:
         """The kernel's own namespace, its service account and RoleBinding (blocking; existing ones are kept)."""
@@ -279,11 +288,14 @@ class KubernetesProvisioner(ContainerProvisioner):
                 if exc.status != 409:  # a restart: made at the first start
                     raise
 
-    def _create_pod(self, watcher: PodWatcher, pod: dict, secret: dict) -> str:
-        """Create the token's Secret and the pod, replacing leftovers of the same kernel; the pod's uid (blocking)."""
-        core, namespace = watcher.core, pod["metadata"]["namespace"]
-        for create, delete, body in ((core.create_namespaced_secret, core.delete_namespaced_secret, secret),
-                                     (core.create_namespaced_pod, core.delete_namespaced_pod, pod)):
+    @staticmethod
+    def _create_replacing(watcher: PodWatcher, *objects: dict) -> str:
+        """Create Secrets and Pods in order, replacing leftovers of the same names; the last one's uid (blocking)."""
+        core, uid = watcher.core, ""
+        for body in objects:
+            create, delete = {"Secret": (core.create_namespaced_secret, core.delete_namespaced_secret),
+                              "Pod": (core.create_namespaced_pod, core.delete_namespaced_pod)}[body["kind"]]
+            namespace = body["metadata"]["namespace"]
             try:
                 created = create(namespace, body)
             except ApiException as exc:
@@ -291,7 +303,8 @@ class KubernetesProvisioner(ContainerProvisioner):
                     raise
                 delete_if_present(delete, body["metadata"]["name"], namespace, grace_period_seconds=0)
                 created = create(namespace, body)
-        return created.metadata.uid
+            uid = created.metadata.uid
+        return uid
 
     async def _await_handshake(self, timeout: float) -> LaunchInfo:
         """The base's wait, ended at once by a pod failure the watch reports."""
@@ -382,8 +395,8 @@ class KubernetesProvisioner(ContainerProvisioner):
         return info
 
     async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
-        """Calls ``super()`` first; watches the stored pod again (its current state read once). Signals that need the
-        launcher's control key (not stored) are unavailable to a re-attached kernel; message-mode interrupts work."""
+        """Calls ``super()`` first (which restores the launch, control key included, so signals work as for a kernel
+        this gateway started); watches the stored pod again, its current state read once."""
         await super().load_provisioner_info(provisioner_info)
         self.pod_name, self.pod_namespace = provisioner_info.get("pod_name"), provisioner_info.get("pod_namespace")
         self.namespace_created = bool(provisioner_info.get("namespace_created"))
@@ -401,7 +414,4 @@ class KubernetesProvisioner(ContainerProvisioner):
             if exc.status != 404:
                 raise BackendError(f"cannot read kernel {self.kernel_id}'s pod: {api_reason(exc)}") from exc
             state.exit_code = -1
-        self.launch_info = LaunchInfo(connection_info=dict(self.connection_info),
-                                      control_port=provisioner_info.get("control_port"),
-                                      hostname=provisioner_info.get("hostname", ""))
 

@@ -29,6 +29,7 @@ from kubernetes.config.config_exception import ConfigException
 from ._blocking import run_blocking
 from .container import LABEL
 from .errors import BackendError
+from .kept import is_kept
 
 __all__ = ["INSTANCE_LABEL", "KERNEL_LABEL", "PodFailure", "PodState", "PodWatcher", "api_reason", "apply_pod",
            "delete_if_present",
@@ -45,6 +46,14 @@ WAITING_FAILURES = {
     "CrashLoopBackOff": "crash", "CreateContainerConfigError": "config", "CreateContainerError": "config",
     "RunContainerError": "config",
 }
+
+
+def _transient(waiting: dict[str, Any]) -> bool:
+    """A waiting reason the kubelet gets over by itself: just after a pod is created, the node may not yet be
+    allowed to read the pod's Secret ("failed to sync secret cache" after its one-second wait); it tries again,
+    unlike for a Secret that does not exist ("secret ... not found"), which fails the start at once."""
+    return waiting.get("reason") == "CreateContainerConfigError" and \
+        (waiting.get("message") or "").startswith("failed to sync")
 
 
 def api_reason(exc: ApiException) -> str:
@@ -304,13 +313,15 @@ class PodWatcher:
             for kind, items, delete in (("pod", pods, core.delete_namespaced_pod),
                                         ("secret", secrets, core.delete_namespaced_secret)):
                 for item in items:
-                    if (item.metadata.labels or {}).get(KERNEL_LABEL) in keep:
+                    kernel = (item.metadata.labels or {}).get(KERNEL_LABEL, "")
+                    if kernel in keep or is_kept(kernel):
                         continue
                     log.warning("removing %s %s/%s left by an earlier run of gateway %r", kind,
                                 item.metadata.namespace, item.metadata.name, self.instance)
                     delete_if_present(delete, item.metadata.name, item.metadata.namespace, grace_period_seconds=0)
             for item in namespaces:
-                if (item.metadata.labels or {}).get(KERNEL_LABEL) not in keep:
+                kernel = (item.metadata.labels or {}).get(KERNEL_LABEL, "")
+                if kernel not in keep and not is_kept(kernel):
                     log.warning("removing namespace %s left by an earlier run of gateway %r", item.metadata.name,
                                 self.instance)
                     delete_if_present(core.delete_namespace, item.metadata.name)
@@ -338,7 +349,7 @@ def apply_pod(state: PodState, pod: dict, deleted: bool = False) -> None:
     terminated = (kernel.get("state") or {}).get("terminated") or {}
     waiting = (kernel.get("state") or {}).get("waiting") or {}
     failure = None
-    if waiting.get("reason") in WAITING_FAILURES:
+    if waiting.get("reason") in WAITING_FAILURES and not _transient(waiting):
         failure = PodFailure(WAITING_FAILURES[waiting["reason"]],
                              f"{waiting['reason']}: {waiting.get('message') or 'no message'}")
     for condition in status.get("conditions") or []:

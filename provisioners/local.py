@@ -15,6 +15,7 @@ from jupyter_client.provisioning import LocalProvisioner
 from launchers import PYTHON_LAUNCHER
 
 from ._blocking import run_blocking
+from .adopted_process import AdoptedProcess, process_identity
 from .envconfig import EnvConfigurable
 from .ports import KERNEL_PORT_COUNT, PortAllocator, PortRangeOption, default_port_range, parse_port_range
 
@@ -117,11 +118,24 @@ class PortRangeLocalProvisioner(LocalProvisioner, EnvConfigurable):  # type: ign
             PortAllocator.instance().release(self._held_ports)
             self._held_ports = ()
 
+    async def send_signal(self, signum: int) -> None:
+        if isinstance(self.process, AdoptedProcess) and self.process.poll() is not None:
+            return  # gone: its pid and process group may be someone else's by now
+        await super().send_signal(signum)
+
     async def get_provisioner_info(self) -> dict[str, Any]:
         info = await super().get_provisioner_info()
         info["held_ports"] = list(self._held_ports)
+        if self.pid:
+            info["process"] = process_identity(self.pid)
         return info
 
     async def load_provisioner_info(self, provisioner_info: dict) -> None:
+        """Adopt the kernel process an earlier gateway started (see :mod:`.adopted_process`) and hold its ports."""
         await super().load_provisioner_info(provisioner_info)
         self._held_ports = tuple(provisioner_info.get("held_ports", ()))
+        for port in self._held_ports:
+            PortAllocator.instance().reserve(port)
+        self.ip = provisioner_info.get("ip")
+        if self.pid:
+            self.process = AdoptedProcess(self.pid, provisioner_info.get("process") or {})

@@ -10,6 +10,7 @@ authenticated control port, and cleanup that leaves nothing running after a fail
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import json
@@ -184,6 +185,7 @@ class RemoteProvisioner(KernelProvisionerBase, EnvConfigurable):  # type: ignore
     # -- the provisioner contract --------------------------------------------------------------------
     @property
     def has_process(self) -> bool:
+        """True from the start of a launch, and after :meth:`load_provisioner_info` restored a running one."""
         return self.launch_info is not None or self._token is not None
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
@@ -295,7 +297,10 @@ class RemoteProvisioner(KernelProvisionerBase, EnvConfigurable):  # type: ignore
         return status
 
     async def send_signal(self, signum: int) -> None:
-        """Deliver ``signum`` through the launcher's authenticated control port."""
+        """Deliver ``signum`` through the launcher's authenticated control port; nothing when the launcher has ended
+        (jupyter_client interrupts before a shutdown or an automatic restart of a kernel that died)."""
+        if self.launcher_exit_status() is not None:
+            return
         info = self.launch_info
         if info is None or info.control_port is None:
             raise BackendError(f"kernel {self.kernel_id} has no launcher control port to signal")
@@ -303,6 +308,9 @@ class RemoteProvisioner(KernelProvisionerBase, EnvConfigurable):  # type: ignore
             await _legacy_control_request(self.connection_info["ip"], info.control_port, {"signum": int(signum)})
         elif info.control_key is not None:
             await control_request(self.connection_info["ip"], info.control_port, info.control_key, {"signum": int(signum)})
+        else:  # a record written before control keys were kept
+            raise BackendError(f"kernel {self.kernel_id}: the launcher's control key is unknown, so it cannot be "
+                               "signalled; use message-mode interrupts or restart the kernel")
 
     async def kill(self, restart: bool = False) -> None:
         self._stop_requested = True
@@ -322,11 +330,45 @@ class RemoteProvisioner(KernelProvisionerBase, EnvConfigurable):  # type: ignore
         self._stop_requested = False
 
     async def get_provisioner_info(self) -> dict[str, Any]:
+        """Calls ``super()`` first; adds the launch (control port and key, launcher pid and host) when there is one.
+
+        JSON-safe apart from the base's ``connection_info`` (its ``key`` is bytes). The control key is a secret:
+        the kernel store keeps it only in sealed records. Subclasses call ``super()`` first and add their own keys.
+        """
         info = await super().get_provisioner_info()
-        if self.launch_info is not None:
-            info.update(pid=self.launch_info.pid, hostname=self.launch_info.hostname,
-                        control_port=self.launch_info.control_port)
+        launch = self.launch_info
+        if launch is not None:
+            key = base64.b64encode(launch.control_key).decode() if launch.control_key else None
+            info.update(pid=launch.pid, pgid=launch.pgid, hostname=launch.hostname, control_port=launch.control_port,
+                        control_key=key, legacy=launch.legacy)
         return info
+
+    async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
+        """Calls ``super()`` first; restores the launch :meth:`get_provisioner_info` recorded, so that a later
+        gateway polls, signals (through the control port), kills and cleans up the kernel as if it had started it.
+
+        ``connection_info`` may be in ``provisioner_info`` (its ``key`` str or bytes) or already set on this
+        provisioner. Subclasses call ``super()`` first, then watch their backend's object again; ``poll()`` must
+        then give the exit status of a kernel that is gone rather than raise.
+        """
+        info = dict(provisioner_info)
+        info.setdefault("connection_info", self.connection_info)
+        await super().load_provisioner_info(info)
+        connection = dict(self.connection_info or {})
+        if isinstance(connection.get("key"), str):
+            connection["key"] = connection["key"].encode()  # JSON gave back text; jupyter_client compares bytes
+        self.connection_info = connection
+        self._token, self._stop_requested, self._exit_logged = None, False, None
+        self.launch_info = None
+        if "control_port" in info:  # written only for a launch that completed its handshake
+            key = info.get("control_key")
+            try:
+                control_key = base64.b64decode(key, validate=True) if key else None
+            except ValueError:
+                raise BackendError(f"kernel {self.kernel_id}: the stored control key is not base64") from None
+            self.launch_info = LaunchInfo(connection_info=dict(connection), control_port=info.get("control_port"),
+                                          control_key=control_key, pid=info.get("pid"), pgid=info.get("pgid"),
+                                          hostname=info.get("hostname") or "", legacy=bool(info.get("legacy")))
 
 
 def _substitute(arg: str, values: dict[str, str]) -> str:

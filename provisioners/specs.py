@@ -7,22 +7,26 @@ nothing else to work in our gateway or in any jupyter_client host.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from jupyter_client.kernelspec import KernelSpecManager
-from traitlets import Bool, List, Unicode
+from traitlets import Bool, List, Unicode, default
 from traitlets.config import Application
 
 from launchers import PYTHON_LAUNCHER
 
-__all__ = ["KubernetesSpecApp", "SSHSpecApp", "SpecsApp", "YarnSparkSpecApp", "YarnSpecApp", "launcher_argv"]
+__all__ = ["KubernetesSpecApp", "SSHSpecApp", "SparkKubernetesSpecApp", "SpecsApp", "YarnSparkSpecApp", "YarnSpecApp",
+           "launcher_argv"]
 
 LAUNCHER = PYTHON_LAUNCHER
+IMAGE_LAUNCHER = "/usr/local/share/kernel-gateway/launch_ipykernel.py"  # in launchers/images/* (their Dockerfiles)
 
 
 def launcher_argv(python: str, launcher: str, token_on_stdin: bool = True) -> list[str]:
@@ -197,6 +201,65 @@ class KubernetesSpecApp(DockerSpecApp):
         return config
 
 
+def _pyspark_submit() -> str:
+    """``bin/spark-submit`` inside the pyspark package this Python imports (it is its own SPARK_HOME); '' if none.
+
+    Not the wrapper pip puts beside the interpreter: that one looks for pyspark with whatever ``python3`` is first
+    on the gateway's PATH."""
+    spec = importlib.util.find_spec("pyspark")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(location, "bin", "spark-submit")
+        if os.access(path, os.X_OK):
+            return path
+    return ""
+
+
+class _SparkSpecApp(_InstallApp):
+    """Options and argv shared by both Spark kernelspec kinds (spark-submit in cluster mode)."""
+
+    spark_conf = List(Unicode(), config=True, help="Extra Spark settings, 'key=value' (repeat the option).")
+    aliases = {**_InstallApp.aliases, "spark-conf": "_SparkSpecApp.spark_conf"}
+
+    def spark_submit_argv(self, submit: list[str], name: str, conf: list[str]) -> list[str]:
+        """``submit`` (spark-submit and its master) in cluster mode, application ``name``, the ``conf`` settings
+        (exits with status 2 for one that is not key=value) and our launcher as the Python driver, with
+        ``--spark-session``."""
+        for item in conf:
+            if "=" not in item:
+                print(f"{self.name}: --spark-conf {item!r} is not key=value", file=sys.stderr)
+                self.exit(2)
+        return [*submit, "--deploy-mode", "cluster", "--name", name, *(arg for item in conf for arg in ("--conf", item)),
+                *launcher_argv(self.python, self.launcher, token_on_stdin=False)[1:], "--spark-session"]
+
+
+class SparkKubernetesSpecApp(KubernetesSpecApp, _SparkSpecApp):
+    """``specs install spark-kubernetes --name N --image I``: kernels as Spark drivers in Kubernetes cluster mode."""
+
+    name = "kernel-gateway specs install spark-kubernetes"
+    provisioner_name = "spark-kubernetes-provisioner"
+    spark_submit = Unicode(
+        "", config=True, help="spark-submit on the gateway host; empty: the one in the pyspark package of this Python "
+        "(bin/spark-submit under it, which needs no SPARK_HOME), else on PATH.")
+    master = Unicode(
+        "", config=True, help="Spark master 'k8s://https://host:port'; empty: the API server of the provisioner's "
+        "kubeconfig (or in-cluster config).")
+    aliases = {**KubernetesSpecApp.aliases, **_SparkSpecApp.aliases,
+               "spark-submit": "SparkKubernetesSpecApp.spark_submit", "master": "SparkKubernetesSpecApp.master"}
+
+    @default("launcher")
+    def _image_launcher(self) -> str:
+        return "local://" + IMAGE_LAUNCHER  # inside the Spark image (launchers/images/spark)
+
+    def kernel_argv(self) -> list[str]:
+        submit = [self.spark_submit or _pyspark_submit() or shutil.which("spark-submit") or "spark-submit"]
+        if self.master:
+            if not self.master.startswith("k8s://"):
+                print(f"{self.name}: --master must be k8s://https://host:port", file=sys.stderr)
+                self.exit(2)
+            submit += ["--master", self.master]
+        return self.spark_submit_argv(submit, "kernel-{kernel_id}", list(self.spark_conf))
+
+
 class _YarnSpecApp(_InstallApp):
     """Options shared by both YARN kernelspec kinds."""
 
@@ -242,7 +305,7 @@ class YarnSpecApp(_YarnSpecApp):
         return {**config, "am_command": self.am_command}
 
 
-class YarnSparkSpecApp(_YarnSpecApp):
+class YarnSparkSpecApp(_YarnSpecApp, _SparkSpecApp):
     """``specs install yarn-spark --name N --rm-urls U --spark-home S``: kernels as Spark drivers in YARN cluster mode."""
 
     name = "kernel-gateway specs install yarn-spark"
@@ -251,25 +314,19 @@ class YarnSparkSpecApp(_YarnSpecApp):
     hadoop_conf_dir = Unicode(
         "", config=True, help="HADOOP_CONF_DIR for spark-submit (yarn-site.xml names the ResourceManager); empty: "
         "the gateway's environment.")
-    spark_conf = List(Unicode(), config=True, help="Extra Spark settings, 'key=value' (repeat the option).")
     aliases = {
         **_YarnSpecApp.aliases,
+        **_SparkSpecApp.aliases,
         "spark-home": "YarnSparkSpecApp.spark_home",
         "hadoop-conf-dir": "YarnSparkSpecApp.hadoop_conf_dir",
-        "spark-conf": "YarnSparkSpecApp.spark_conf",
     }
 
     def kernel_argv(self) -> list[str]:
         self.require(self.spark_home, "--spark-home")
         conf = [f"spark.yarn.appMasterEnv.PYSPARK_PYTHON={self.python}", f"spark.executorEnv.PYSPARK_PYTHON={self.python}",
                 *self.spark_conf]
-        for item in conf:
-            if "=" not in item:
-                print(f"{self.name}: --spark-conf {item!r} is not key=value", file=sys.stderr)
-                self.exit(2)
-        return [os.path.join(self.spark_home, "bin", "spark-submit"), "--master", "yarn", "--deploy-mode", "cluster",
-                "--name", "{kernel_id}", *(arg for item in conf for arg in ("--conf", item)),
-                *launcher_argv(self.python, self.launcher, token_on_stdin=False)[1:], "--spark-session"]
+        return self.spark_submit_argv([os.path.join(self.spark_home, "bin", "spark-submit"), "--master", "yarn"],
+                                      "{kernel_id}", conf)
 
     def spec_env(self) -> dict[str, str]:
         env = {"SPARK_HOME": self.spark_home}
@@ -287,6 +344,7 @@ class InstallApp(Application):
         "docker": (DockerSpecApp, DockerSpecApp.__doc__.splitlines()[0]),
         "docker-swarm": (DockerSwarmSpecApp, DockerSwarmSpecApp.__doc__.splitlines()[0]),
         "kubernetes": (KubernetesSpecApp, KubernetesSpecApp.__doc__.splitlines()[0]),
+        "spark-kubernetes": (SparkKubernetesSpecApp, SparkKubernetesSpecApp.__doc__.splitlines()[0]),
         "yarn": (YarnSpecApp, YarnSpecApp.__doc__.splitlines()[0]),
         "yarn-spark": (YarnSparkSpecApp, YarnSparkSpecApp.__doc__.splitlines()[0]),
     }

@@ -392,12 +392,9 @@ class YarnProvisioner(RemoteProvisioner):
         return info
 
     async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
-        """Calls ``super()`` first; watches the stored application again. Signals that need the launcher's control
-        key (not stored) are unavailable to a re-attached kernel; message-mode interrupts and kill work."""
+        """Calls ``super()`` first (which restores the launch, control key included, so signals work as for a kernel
+        this gateway started); watches the stored application again in the shared RM watch."""
         await super().load_provisioner_info(provisioner_info)
         self.app_id = provisioner_info.get("app_id")
         if self.app_id:
             self.watcher.track(self.app_id, self.kernel_id)
-            self.launch_info = LaunchInfo(connection_info=dict(self.connection_info),
-                                          control_port=provisioner_info.get("control_port"),
-                                          hostname=provisioner_info.get("am_host", ""))

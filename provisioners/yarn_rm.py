@@ -31,6 +31,7 @@ from yarn_api_client.resource_manager import ResourceManager
 
 from ._blocking import run_blocking
 from .errors import BackendError
+from .kept import is_kept
 from .yarn_auth import RMAuth
 
 __all__ = ["FINAL_STATES", "LIVE_STATES", "AppState", "ApplicationWatcher", "ResourceManagerClient", "YarnAPIError",
@@ -258,7 +259,7 @@ class ApplicationWatcher:
         self.reaped = True  # only once the RM answered: an RM that was down is asked again by the next start
         killed = []
         for app in (data.get("apps") or {}).get("app") or []:
-            if app["id"] in keep or app["id"] in self.apps:
+            if app["id"] in keep or app["id"] in self.apps or is_kept(app.get("name", "")):
                 continue
             log.warning("killing YARN application %s (kernel %s) left by an earlier run of this gateway",
                         app["id"], app.get("name", "?"))

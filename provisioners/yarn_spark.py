@@ -49,7 +49,7 @@ from .remote import _timeout, impersonated_user, is_user_name
 from .yarn import SECRET_KEY, YarnProvisioner, app_tag
 from .yarn_rm import LIVE_STATES
 
-__all__ = ["YarnSparkProvisioner", "hadoop_credentials"]
+__all__ = ["YarnSparkProvisioner", "hadoop_credentials", "spark_port_options"]
 
 _APP_ID = re.compile(r"application_\d+_\d+")
 SECRET_FILE = "kg-launch.creds"  # the launch secret's file name in the driver's container, with impersonation
@@ -70,6 +70,23 @@ def hadoop_credentials(secrets: dict[str, bytes]) -> bytes:
         name = key.encode()
         out += _vint(len(name)) + name + _vint(len(value)) + value
     return out
+
+
+def spark_port_options(port_range: str, given: str, service: bool = False) -> list[str]:
+    """``--conf`` options that keep Spark's driver RPC, block manager (driver's and executors') and UI ports inside
+    ``port_range`` (none without one): each starts at the range's low end and Spark's bind retries stay inside it.
+    ``service``: the driver's three start one apart (Kubernetes lists them as its Service's ports, which must
+    differ). A setting already in ``given`` (the kernelspec's own options) wins."""
+    ports = parse_port_range(port_range)
+    if ports is None:
+        return []
+    step = 1 if service else 0
+    defaults = {"spark.driver.port": ports.low, "spark.blockManager.port": ports.low,
+                "spark.ui.port": ports.low + 2 * step,
+                "spark.port.maxRetries": ports.size - 1 - 2 * step}  # Spark binds base, base+1, ... base+maxRetries
+    if service:
+        defaults["spark.driver.blockManager.port"] = ports.low + step
+    return [arg for key, value in defaults.items() if f"{key}=" not in given for arg in ("--conf", f"{key}={value}")]
 
 
 class YarnSparkProvisioner(YarnProvisioner):
@@ -109,13 +126,7 @@ class YarnSparkProvisioner(YarnProvisioner):
             options += ["--conf", f"spark.yarn.am.nodeLabelExpression={self.node_label}"]
         if self.impersonate:
             options += ["--proxy-user", impersonated_user(env)]
-        ports = parse_port_range(self.port_range)
-        if ports is not None:
-            defaults = {"spark.driver.port": ports.low, "spark.blockManager.port": ports.low, "spark.ui.port": ports.low,
-                        "spark.port.maxRetries": ports.size - 1}  # Spark binds base, base+1, ... base+maxRetries
-            options += [arg for key, value in defaults.items() if f"{key}=" not in given
-                        for arg in ("--conf", f"{key}={value}")]
-        return options
+        return options + spark_port_options(self.port_range, given)
 
     def submit_command(self, cmd: list[str], env: dict[str, str], secret_path: str) -> list[str]:
         """The kernelspec's spark-submit argv with our options inserted after the program (values are argv

@@ -60,6 +60,20 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if .Values.auth.existingSecret }}{{ .Values.auth.existingSecretKey }}{{ else }}token{{ end }}
 {{- end }}
 
+{{/* The Secret holding the kernel store's key: kernelStore.keySecret, else the one the chart makes. */}}
+{{- define "kernel-gateway.storeKeySecretName" -}}
+{{- default (printf "%s-store-key" (include "kernel-gateway.fullname" .)) .Values.kernelStore.keySecret }}
+{{- end }}
+
+{{- define "kernel-gateway.storeKeySecretKey" -}}
+{{- if .Values.kernelStore.keySecret }}{{ .Values.kernelStore.keySecretKey }}{{ else }}key{{ end }}
+{{- end }}
+
+{{/* GATEWAY_KERNELS_ON_STOP: kernels.onStop, else keep when records outlive the pod (Kubernetes store). */}}
+{{- define "kernel-gateway.onStop" -}}
+{{- default (ternary "keep" "shutdown" (eq .Values.kernelStore.kind "kubernetes")) .Values.kernels.onStop }}
+{{- end }}
+
 {{/* The probes' path prefix: baseUrl with exactly one slash at each end. */}}
 {{- define "kernel-gateway.basePath" -}}
 {{- $trimmed := trimAll "/" .Values.gateway.baseUrl }}

@@ -238,11 +238,11 @@ class KernelBridge:
             self._iopub.close(linger=0)
         self._iopub = self._iopub_task = None
 
-    def close(self) -> None:
-        """Close every socket. Called once the kernel is shut down."""
+    def close(self, reason: str = "the kernel was shut down") -> None:
+        """Close every socket, telling clients ``reason``. Called once the kernel is shut down or let go."""
         self._close_iopub()
         for sid in list(self.sessions):
-            self.drop_session(sid, "the kernel was shut down")
+            self.drop_session(sid, reason)
         self.backlog.clear()
         self.limits.bridges.discard(self)
 

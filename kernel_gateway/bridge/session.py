@@ -10,7 +10,9 @@ an old one.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import secrets
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -68,6 +70,16 @@ def zmq_address(info: dict[str, Any], channel: str) -> str:
 
 #: Seconds shell messages wait for this session's stdin connection before they go anyway.
 STDIN_WAIT = 5.0
+#: Part of every session's ZMQ identity that is this process's own: a kernel's ROUTER ignores a second peer with an
+#: identity it already knows, so a client that reconnects with its session_id through another gateway (a replica,
+#: which still holds the session) must not present the same identity there.
+_PROCESS_TAG = secrets.token_hex(6)
+
+
+def zmq_identity(session_id: str) -> bytes:
+    """The ZMQ identity of a session's sockets in this process: shared by its shell, control and stdin (the kernel
+    answers stdin to the shell request's identity), bounded in length whatever the client's session_id."""
+    return f"{hashlib.sha256(session_id.encode()).hexdigest()[:24]}-{_PROCESS_TAG}".encode()
 
 
 class ChannelSession:
@@ -92,7 +104,7 @@ class ChannelSession:
         return self.sink is not None or self.retain
 
     def open(self) -> None:
-        identity = self.session_id.encode()
+        identity = zmq_identity(self.session_id)
         self._held = []
         for channel in ("shell", "control", "stdin"):
             sock = self.bridge.context.socket(zmq.DEALER)

@@ -1,4 +1,9 @@
-"""Culling: shut down kernels that have been idle too long."""
+"""Culling: shut down kernels that have been idle too long.
+
+With replicas (a shared kernel store) one replica culls at a time: the one holding the store's ``culler`` lease,
+renewed every pass. It culls every kernel of the store, held here or not, by the latest activity any replica
+recorded (:mod:`.replicas` writes it in batches).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from traitlets import Bool, Instance, Integer, TraitError, validate
 
 from provisioners.envconfig import EnvConfigurable
 
+from ..store import StoreUnavailable
 from .registry import KernelRegistry
 
 __all__ = ["KernelCuller"]
@@ -45,6 +51,7 @@ class KernelCuller(EnvConfigurable):
     registry = Instance(KernelRegistry)
 
     _task: asyncio.Task | None = None
+    _leading = False  # whether this replica held the culler lease at the last pass
 
     @validate("cull_interval")
     def _positive_interval(self, proposal: dict[str, Any]) -> int:
@@ -67,21 +74,42 @@ class KernelCuller(EnvConfigurable):
             await asyncio.sleep(self.cull_interval)
             try:
                 await self.cull_once()
+            except StoreUnavailable as exc:
+                log.warning("culling pass skipped: %s", exc)
             except Exception:  # a failed pass must not end culling for good
                 log.exception("culling pass failed")
 
-    def should_cull(self, kernel: Any, now: float) -> bool:
-        """Whether ``kernel`` is past the idle timeout under the connected/busy rules."""
+    def should_cull(self, kernel: Any, now: float, last_activity: float | None = None) -> bool:
+        """Whether ``kernel`` is past the idle timeout under the connected/busy rules (``last_activity``: the
+        latest any replica saw, when known)."""
         if kernel.connections and not self.cull_connected:
             return False
         if kernel.execution_state == "busy":
             return self.cull_busy and now - (kernel.busy_since or now) > self.cull_idle_timeout
-        return now - kernel.last_activity > self.cull_idle_timeout
+        return now - max(kernel.last_activity, last_activity or 0.0) > self.cull_idle_timeout
 
     async def cull_once(self) -> None:
+        registry, replicas = self.registry, self.registry.replicas
+        shared: dict[str, float] = {}
+        if replicas is not None:
+            leading = await registry.store.take_lease("culler", replicas.replica_id, 2 * self.cull_interval + 10)
+            if leading != self._leading:
+                log.info("%s the culling for the replicas", "this replica does" if leading else "another replica does")
+                self._leading = leading
+            if not leading:
+                return
+            shared = await registry.store.activity()
         now = time.time()
-        for kernel in list(self.registry.kernels.values()):
-            if self.should_cull(kernel, now):
-                kernel.log.info("culling: idle for %.0fs (%d connections, %s)", now - kernel.last_activity,
-                                kernel.connections, kernel.execution_state)
-                await self.registry.shutdown(kernel.kernel_id)
+        for kernel in list(registry.kernels.values()):
+            last = shared.get(kernel.kernel_id)
+            if self.should_cull(kernel, now, last):
+                kernel.log.info("culling: idle for %.0fs (%d connections, %s)",
+                                now - max(kernel.last_activity, last or 0.0), kernel.connections, kernel.execution_state)
+                await registry.shutdown(kernel.kernel_id)
+        for record in list(replicas.peers.values()) if replicas is not None else ():
+            idle = now - shared.get(record.kernel_id, record.created)
+            if idle > self.cull_idle_timeout and record.kernel_id not in registry.kernels:
+                log.info("culling kernel %s held by another replica: idle for %.0fs", record.kernel_id, idle,
+                         extra={"kernel_id": record.kernel_id})
+                if await registry.reattach(record):  # taken over to be shut down; one found dead is cleaned up
+                    await registry.shutdown(record.kernel_id)

@@ -39,10 +39,16 @@ def iso_utc(stamp: float) -> str:
 class ManagedKernel:
     """One kernel: its jupyter_client manager, websocket bridge, owner and activity."""
 
-    def __init__(self, kernel_id: str, name: str, user: str, km: AsyncKernelManager) -> None:
+    def __init__(self, kernel_id: str, name: str, user: str, km: AsyncKernelManager,
+                 created: float | None = None) -> None:
         self.kernel_id = kernel_id
         self.name = name
         self.user = user
+        self.created = time.time() if created is None else created
+        self.owned = True  # started (or re-attached at start-up) here: this gateway restarts it when it dies
+        self.record: Any = None  # the KernelRecord last written or read for it
+        self.restart_limit: int | None = None  # the restarter's own limit while another replica keeps the kernel
+        self.held_since = time.monotonic()
         self.km = km
         self.bridge: KernelBridge | None = None
         self.execution_state = "starting"

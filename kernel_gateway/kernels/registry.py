@@ -8,6 +8,7 @@ and ``provisioners.errors``; it knows nothing of HTTP.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -19,16 +20,20 @@ from jupyter_client.ioloop import AsyncIOLoopKernelManager
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_core.paths import jupyter_runtime_dir
-from traitlets import Float, Instance, Integer, TraitError, Type, Unicode, default, validate
+from traitlets import CaselessStrEnum, Float, Instance, Integer, TraitError, Type, Unicode, default, validate
 
 from provisioners.envconfig import EnvConfigurable
 from provisioners.errors import LaunchError, LaunchTimeoutError, ProvisionerError
+from provisioners.kept import set_kept
 
 from ..bridge import BridgeLimits, KernelBridge
 from ..errors import ConflictError, NotReadyError, UnknownKernelError, UnknownKernelSpecError
 from ..policy import GatewayPolicy
+from ..store import KernelRecord, KernelStore, StoreUnavailable
 from ._connection_files import ConnectionFiles
+from .keeping import adopt, heartbeat, kernel_record
 from .managed import ManagedKernel, ManagerLog
+from .replicas import ReplicaView, peer_model
 
 __all__ = ["KernelRegistry", "ManagedKernel"]
 
@@ -36,6 +41,10 @@ log = logging.getLogger("kernel_gateway.kernels")
 
 #: Seconds past the launch timeout before the registry gives up on a provisioner that did not.
 LAUNCH_GRACE = 5.0
+#: Seconds a kept kernel has to answer its heartbeat when a gateway re-attaches to it.
+REATTACH_HEARTBEAT = 10.0
+#: Kernels re-attached at once at start-up (each takes a provisioner call and a heartbeat).
+REATTACH_CONCURRENCY = 16
 
 
 async def _diagnostics(km: AsyncKernelManager) -> str:
@@ -112,6 +121,28 @@ class KernelRegistry(EnvConfigurable):
         config=True,
         help="Seconds a kernel gets to exit after shutdown_request before it is killed.",
     ).tag(env="GATEWAY_SHUTDOWN_TIMEOUT")
+    on_stop = CaselessStrEnum(
+        ["shutdown", "keep"],
+        "shutdown",
+        config=True,
+        help="What a stopping gateway does with its kernels: 'shutdown' ends them; 'keep' leaves them running (local "
+        "kernels in their own session, remote ones where they are) for the next gateway on the same kernel store, "
+        "which re-attaches to them under the same ids. 'keep' needs the kernel store (KernelStoreOptions.key_file).",
+    ).tag(env="GATEWAY_KERNELS_ON_STOP")
+    store = Instance(KernelStore, allow_none=True, help="Where kernel records are kept; None: nowhere.")
+    replica_sync_interval = Float(
+        2.0,
+        config=True,
+        help="With a shared kernel store (replicas): seconds between reads of the store that show this replica the "
+        "kernels its peers started and the ones they shut down or restarted (one query each time, whatever the "
+        "number of kernels). A request naming a kernel not yet seen is served at once from its record anyway.",
+    ).tag(env="GATEWAY_REPLICA_SYNC_INTERVAL")
+
+    @validate("replica_sync_interval")
+    def _positive_sync(self, proposal: dict[str, Any]) -> float:
+        if not proposal["value"] > 0:
+            raise TraitError(f"replica_sync_interval must be more than 0 seconds, not {proposal['value']}")
+        return proposal["value"]
 
     @validate("buffer_max_messages", "buffer_max_bytes_per_kernel", "buffer_max_bytes",
               "max_detached_sessions_per_kernel", "max_detached_sessions", "max_requests_in_flight")
@@ -142,6 +173,19 @@ class KernelRegistry(EnvConfigurable):
         self._expiry: asyncio.Task | None = None
         self._stopping = False
         self._connection_files = ConnectionFiles(jupyter_runtime_dir())
+        self.replicas: ReplicaView | None = None
+        self._unserved: set[str] = set()  # records kept though not served (their kernelspec is gone)
+        self.restoring = False  # kept kernels not re-attached yet: an unknown id may be one of them
+
+    def is_kept(self, kernel_id: str) -> bool:
+        """Whether the kernel is this gateway's (served, starting, or in the store): never a leftover to reap."""
+        return (kernel_id in self.kernels or kernel_id in self._starting or kernel_id in self._unserved
+                or (self.replicas is not None and kernel_id in self.replicas.peers))
+
+    @property
+    def starting(self) -> dict[str, ManagedKernel]:
+        """Starts in flight, by kernel id."""
+        return self._starting
 
     async def start(self) -> None:
         """Open the ZMQ context and the task that expires detached sessions. Called by the app.
@@ -153,6 +197,10 @@ class KernelRegistry(EnvConfigurable):
         await self._connection_files.sweep()
         self._context = zmq.asyncio.Context()
         self._expiry = asyncio.create_task(self._expire_sessions())
+        set_kept(self.is_kept)
+        if self.store is not None and self.store.shared:
+            self.replicas = ReplicaView(self, self.replica_sync_interval)
+            self.replicas.start()
 
     async def _expire_sessions(self) -> None:
         while True:
@@ -166,22 +214,188 @@ class KernelRegistry(EnvConfigurable):
         self._stopping = True
         if self._expiry:
             self._expiry.cancel()
+        if self.replicas is not None:
+            self.replicas.stop()
         await asyncio.gather(*(self._discard(k) for k in list(self._starting.values())), return_exceptions=True)
         deadline = time.monotonic() + self.shutdown_timeout
         while self._starting and time.monotonic() < deadline:  # let abandoned starts answer their clients
             await asyncio.sleep(0.05)
-        await asyncio.gather(*(self.shutdown(kid) for kid in list(self.kernels)), return_exceptions=True)
+        if self.on_stop == "shutdown":  # ours only: kernels taken over from other replicas are theirs to end
+            await asyncio.gather(*(self.shutdown(k.kernel_id) for k in list(self.kernels.values()) if k.owned),
+                                 return_exceptions=True)
+        self._leave_running()
         if self._context is not None:
             self._context.destroy(linger=0)
         self._connection_files.close()
+        if self.replicas is not None:
+            await self.replicas.leave()
+        if self.store is not None:
+            await self.store.close()
+
+    def _leave_running(self) -> None:
+        """Let go of every kernel without ending it: their records stay for the next gateway."""
+        if self.kernels:
+            log.info("left %d kernels running for the next gateway", len(self.kernels))
+        for kernel in list(self.kernels.values()):
+            self.release(kernel)
+
+    @staticmethod
+    def make_keeper(kernel: ManagedKernel, owned: bool = True) -> None:
+        """Whether this gateway restarts the kernel when it dies; one that only serves a kernel another replica
+        keeps reports its death ('dead') and never restarts it beside its keeper."""
+        kernel.owned = owned
+        restarter = getattr(kernel.km, "_restarter", None)
+        if restarter is None:
+            return
+        if not owned and kernel.restart_limit is None:
+            kernel.restart_limit, restarter.restart_limit = restarter.restart_limit, 0
+        elif owned and kernel.restart_limit is not None:
+            restarter.restart_limit, kernel.restart_limit = kernel.restart_limit, None
+
+    async def follow(self, kernel: ManagedKernel, record: KernelRecord) -> None:
+        """Another replica changed the record of a kernel held here: it became the keeper (nothing to do but note
+        it), or restarted the kernel. A restart on the same ports (local kernels) is followed in place, clients
+        stay connected; one on new ports is let go, and the next request takes the kernel over afresh."""
+        previous, kernel.record = kernel.record, record
+        if self.replicas is not None and record.keeper != self.replicas.replica_id and kernel.owned:
+            self.make_keeper(kernel, False)
+        if record.connection_info != previous.connection_info:
+            self.release(kernel, "another replica restarted it on new ports")
+        elif record.provisioner_info != previous.provisioner_info:
+            try:
+                await kernel.km.provisioner.load_provisioner_info(
+                    {**record.provisioner_info, "kernel_id": kernel.kernel_id, "connection_info": dict(record.connection_info)})
+            except Exception as exc:  # the provisioner cannot follow: let the kernel go; a request takes it over again
+                self.release(kernel, f"cannot follow its restart by another replica: {exc}")
+                return
+            if kernel.execution_state == "dead":  # our watch saw the old process end before the new one was recorded
+                kernel.execution_state = "idle"
+                kernel.km.start_restarter()
+
+    def release(self, kernel: ManagedKernel, why: str = "") -> None:
+        """Stop serving ``kernel`` without ending it (its clients' websockets close; they may come back)."""
+        if self.kernels.get(kernel.kernel_id) is not kernel:
+            return
+        del self.kernels[kernel.kernel_id]
+        kernel.km.stop_restarter()  # nobody here restarts it any more
+        if kernel.bridge:
+            kernel.bridge.close("the kernel keeps running but this gateway let it go: reconnect to the same URL")
+        if why:
+            kernel.log.info("no longer served here: %s", why)
+
+    # -- re-attaching ------------------------------------------------------------------------------
+    async def restore(self) -> None:
+        """Serve again the kernels an earlier gateway kept; clean up those that died meanwhile.
+
+        Raises :class:`StoreUnavailable` when the records cannot be read (the app tries again later)."""
+        if self.store is None:
+            return
+        self.restoring = True  # until this returns: an exception leaves it set for the app's next try
+        await self._restore()
+        self.restoring = False
+
+    async def _restore(self) -> None:
+        assert self.store is not None
+        if self.replicas is not None:  # replicas: each takes a kernel over when it is asked for it
+            await self.replicas.sync()
+            log.info("%d kernels in the shared kernel store", len(self.replicas.peers))
+            return
+        records = [r for r in await self.store.records() if r.kernel_id not in self.kernels]
+        if not records:
+            return
+        started = time.monotonic()
+        gate = asyncio.Semaphore(REATTACH_CONCURRENCY)
+
+        async def one(record: KernelRecord) -> bool:
+            async with gate:
+                return await self.reattach(record)
+
+        served = sum(await asyncio.gather(*(one(r) for r in records)))
+        log.info("re-attached %d of %d kept kernels in %.2fs", served, len(records), time.monotonic() - started)
+
+    async def reattach(self, record: KernelRecord, owned: bool = True) -> bool:
+        """Take over the kernel of ``record``; True when it is served again.
+
+        ``owned``: this gateway is its keeper from now on (re-attached at start-up): it restarts the kernel when it
+        dies, and cleans it up (and its record) when it is found gone. A kernel taken over from another replica
+        is only served: its death is reported to clients, and its record is left to its keeper."""
+        kid = record.kernel_id
+        kernel_log = logging.LoggerAdapter(log, {"kernel_id": kid})
+        try:
+            name, _ = self.spec(record.kernel_name)
+        except UnknownKernelSpecError:
+            kernel_log.error("cannot re-attach: its kernelspec %r is gone; the record is kept until the spec is back "
+                             "(or remove the kernel by hand)", record.kernel_name)
+            self._unserved.add(kid)
+            return False
+        kernel = ManagedKernel(kid, name, record.user, self._manager(kid, name), created=record.created)
+        reason = ""
+        try:
+            await adopt(kernel.km, record)
+            if not await kernel.km.is_alive():
+                reason = "its process, container or application has ended"
+            elif not await heartbeat(self._context, record.connection_info, REATTACH_HEARTBEAT):
+                reason = f"it did not answer its heartbeat within {REATTACH_HEARTBEAT:g}s"
+        except Exception as exc:  # the provisioner could not take it over: treated as gone, and cleaned
+            reason = f"its provisioner could not take it over: {exc}"
+        if reason and not owned:  # its keeper decides what becomes of it: nothing is removed from here
+            kernel_log.warning("cannot serve kernel %s of user %r here: %s", name, record.user, reason)
+            return False
+        if reason:
+            kernel_log.warning("kept kernel %s of user %r is not served again: %s; cleaning it up", name, record.user,
+                               reason)
+            await self._discard(kernel)
+            await self._forget_record(kernel)
+            return False
+        if kid in self.kernels:  # taken over meanwhile by another path (a request, the keeper's sync): served
+            return True
+        kernel.record = record
+        bridge = self._open_bridge(kernel)
+        kernel.km.start_restarter()
+        self.make_keeper(kernel, owned)
+        self._watch_restarts(kernel)
+        self.kernels[kid] = kernel
+        kernel.execution_state = "busy"  # it may be running a cell: the heartbeat answers even then
+        try:
+            await bridge.wait_ready(REATTACH_HEARTBEAT / 2, kernel.km.is_alive)
+            kernel.execution_state = "idle"
+        except (TimeoutError, RuntimeError):
+            pass  # still busy: the status message that ends its cell sets it idle
+        kernel_log.info("re-attached kernel %s of user %r (%s)", name, record.user, kernel.execution_state)
+        return True
 
     # -- lookups -------------------------------------------------------------------------------
     def get(self, kernel_id: str) -> ManagedKernel:
-        """Return the kernel ``kernel_id``; raise :class:`UnknownKernelError` if there is none."""
+        """Return the kernel ``kernel_id`` held here; raise :class:`UnknownKernelError` if there is none."""
         kernel = self.kernels.get(kernel_id)
         if kernel is None:
             raise UnknownKernelError(f"Kernel does not exist: {kernel_id}", kernel_id=kernel_id)
         return kernel
+
+    async def find(self, kernel_id: str) -> ManagedKernel:
+        """Like :meth:`get`, but a kernel another replica started is taken over from its record. While kept
+        kernels are being re-attached an unknown id is answered 503, not 404: a client (jupyter_server) forgets
+        a kernel it is told does not exist."""
+        kernel = self.kernels.get(kernel_id)
+        if kernel is None and self.replicas is not None:
+            kernel = await self.replicas.find(kernel_id)
+        if kernel is None and self.restoring:
+            raise self._not_restored()
+        if kernel is None:
+            raise UnknownKernelError(f"Kernel does not exist: {kernel_id}", kernel_id=kernel_id)
+        return kernel
+
+    @staticmethod
+    def _not_restored() -> NotReadyError:
+        return NotReadyError("the gateway is still re-attaching the kernels it kept; try again in a few seconds")
+
+    def models(self) -> list[dict[str, Any]]:
+        """The models of every kernel: held here, and (replicas) held by the others; 503 until the kept ones
+        are re-attached (an incomplete list would tell clients that the others are gone)."""
+        if self.restoring:
+            raise self._not_restored()
+        peers = self.replicas.peers.values() if self.replicas is not None else ()
+        return [*(k.model() for k in self.kernels.values()), *(peer_model(r) for r in peers if r.kernel_id not in self.kernels)]
 
     def spec(self, name: str | None):
         """Return the kernelspec ``name`` (default when None); raise :class:`UnknownKernelSpecError`."""
@@ -194,6 +408,8 @@ class KernelRegistry(EnvConfigurable):
     def count_for(self, user: str) -> tuple[int, int]:
         """Kernels running or starting: in total, and for ``user``."""
         owners = [k.user for k in (*self.kernels.values(), *self._starting.values())]
+        if self.replicas is not None:
+            owners += [r.user for r in self.replicas.peers.values() if r.kernel_id not in self.kernels]
         return len(owners), owners.count(user)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -212,20 +428,12 @@ class KernelRegistry(EnvConfigurable):
         kernel_id = str(uuid.uuid4())
         env = self.policy.kernel_env(request_env, user, kernel_id, timeout)
         cwd = request_env.get("KERNEL_WORKING_DIR")
-        km = self.kernel_manager_class(
-            parent=self,
-            kernel_name=name,
-            kernel_spec_manager=self.kernel_spec_manager,
-            connection_file=self._connection_files.path_for(kernel_id),
-            shutdown_wait_time=self.shutdown_timeout,
-            context=self._context,  # one ZMQ context (and I/O thread) for all kernels, not one each
-            log=ManagerLog(log, {"kernel_id": kernel_id}),
-        )
-        kernel = ManagedKernel(kernel_id, name, user, km)
+        kernel = ManagedKernel(kernel_id, name, user, self._manager(kernel_id, name))
         self._starting[kernel_id] = kernel
         started = time.monotonic()
         try:
             await self._launch(kernel, env, cwd if cwd and os.path.isdir(cwd) else None, timeout)
+            await self._keep_record(kernel)
         except Exception as exc:
             if self._stopping:
                 raise NotReadyError("the gateway shut down while the kernel was starting", kernel_id=kernel_id) from exc
@@ -236,21 +444,42 @@ class KernelRegistry(EnvConfigurable):
         kernel.log.info("started kernel %s for user %r in %.2fs", name, user, time.monotonic() - started)
         return kernel
 
+    def _manager(self, kernel_id: str, name: str) -> AsyncKernelManager:
+        return self.kernel_manager_class(
+            parent=self,
+            kernel_name=name,
+            kernel_spec_manager=self.kernel_spec_manager,
+            connection_file=self._connection_files.path_for(kernel_id),
+            shutdown_wait_time=self.shutdown_timeout,
+            context=self._context,  # one ZMQ context (and I/O thread) for all kernels, not one each
+            log=ManagerLog(log, {"kernel_id": kernel_id}),
+        )
+
+    def _open_bridge(self, kernel: ManagedKernel) -> KernelBridge:
+        kernel.bridge = KernelBridge(
+            kernel.kernel_id,
+            kernel.km.get_connection_info(session=False),
+            self._context,
+            kernel.on_iopub,
+            self.bridge_limits,
+        )
+        kernel.bridge.start()
+        return kernel.bridge
+
+    def _watch_restarts(self, kernel: ManagedKernel) -> None:
+        kernel.km.add_restart_callback(lambda: self._on_auto_restart(kernel), "restart")
+        kernel.km.add_restart_callback(lambda: self._on_dead(kernel), "dead")
+
     async def _launch(self, kernel: ManagedKernel, env: dict[str, str], cwd: str | None, timeout: float) -> None:
         # the provisioner enforces the timeout with its own diagnostics; ours is the backstop
         deadline = time.monotonic() + timeout + LAUNCH_GRACE
         km = kernel.km
+        # a kept kernel must not end with this process (jupyter_client's parent-death watch, a shared session)
+        independent = self.on_stop == "keep"
         try:
-            await asyncio.wait_for(km.start_kernel(kernel_id=kernel.kernel_id, env=env, cwd=cwd), timeout + LAUNCH_GRACE)
-            kernel.bridge = KernelBridge(
-                kernel.kernel_id,
-                km.get_connection_info(session=False),
-                self._context,
-                kernel.on_iopub,
-                self.bridge_limits,
-            )
-            kernel.bridge.start()
-            await kernel.bridge.wait_ready(max(deadline - time.monotonic(), 0.1), km.is_alive)
+            await asyncio.wait_for(km.start_kernel(kernel_id=kernel.kernel_id, env=env, cwd=cwd, independent=independent),
+                                   timeout + LAUNCH_GRACE)
+            await self._open_bridge(kernel).wait_ready(max(deadline - time.monotonic(), 0.1), km.is_alive)
         except (asyncio.TimeoutError, TimeoutError):
             await self._discard(kernel)
             raise LaunchTimeoutError(
@@ -265,8 +494,41 @@ class KernelRegistry(EnvConfigurable):
             raise LaunchError(f"kernel {kernel.name!r} failed to start: {exc}" + (f"; {detail}" if detail else ""),
                               kernel_id=kernel.kernel_id) from exc
         kernel.execution_state = "idle"
-        km.add_restart_callback(lambda: self._on_auto_restart(kernel), "restart")
-        km.add_restart_callback(lambda: self._on_dead(kernel), "dead")
+        self._watch_restarts(kernel)
+
+    async def _write_record(self, kernel: ManagedKernel) -> None:
+        """Write (or rewrite) the kernel's record as it runs now; :class:`StoreUnavailable` when it cannot."""
+        if self.store is not None:
+            keeper = self.replicas.replica_id if self.replicas is not None and kernel.owned else ""
+            kernel.record = await kernel_record(kernel, keeper)
+            await self.store.put(kernel.record)
+
+    async def _keep_record(self, kernel: ManagedKernel) -> None:
+        """Write a new kernel's record; a start whose record cannot be written is undone and answered 503."""
+        try:
+            await self._write_record(kernel)
+        except StoreUnavailable as exc:
+            await self._discard(kernel)
+            raise NotReadyError(f"the kernel was stopped again because its record could not be kept: {exc}",
+                                kernel_id=kernel.kernel_id) from None
+
+    async def _mark_restarting(self, kernel: ManagedKernel) -> None:
+        """With replicas: record that this replica restarts the kernel, so none takes it for dead meanwhile."""
+        if self.replicas is None or kernel.record is None:
+            return
+        kernel.record = dataclasses.replace(kernel.record, keeper=self.replicas.replica_id, restarting_since=time.time())
+        try:
+            await self.store.put(kernel.record)
+        except StoreUnavailable as exc:
+            kernel.log.warning("could not mark the kernel as restarting in the store: %s", exc)
+
+    async def update_record(self, kernel: ManagedKernel) -> None:
+        """Rewrite the record after a restart (new ports, new launcher); the kernel runs on if that fails."""
+        try:
+            await self._write_record(kernel)
+        except StoreUnavailable as exc:
+            kernel.log.warning("the record of the restarted kernel was not updated (a later gateway may not reach "
+                               "it): %s", exc)
 
     async def _discard(self, kernel: ManagedKernel) -> None:
         """Kill whatever a failed start left running."""
@@ -307,6 +569,7 @@ class KernelRegistry(EnvConfigurable):
                 await kernel.bridge.wait_ready(max(deadline - time.monotonic(), 1.0), km.is_alive)
             kernel.execution_state = "idle"
             kernel.log.info("kernel is back after the automatic restart")
+            await self.update_record(kernel)
         except Exception as exc:  # the restarter reports a final failure through the 'dead' callback
             kernel.log.warning("automatic restart did not complete: %s", str(exc) or type(exc).__name__)
 
@@ -318,13 +581,13 @@ class KernelRegistry(EnvConfigurable):
 
     async def interrupt(self, kernel_id: str) -> None:
         """Interrupt the kernel (signal or interrupt_request, as its spec says)."""
-        kernel = self.get(kernel_id)
+        kernel = await self.find(kernel_id)
         kernel.log.info("interrupting")
         await kernel.km.interrupt_kernel()
 
     async def restart(self, kernel_id: str) -> ManagedKernel:
         """Restart under the same id and wait until it answers again."""
-        kernel = self.get(kernel_id)
+        kernel = await self.find(kernel_id)
         if kernel.lock.locked():
             raise ConflictError(f"kernel {kernel_id} is already restarting or shutting down", kernel_id=kernel_id)
         async with kernel.lock:
@@ -332,6 +595,7 @@ class KernelRegistry(EnvConfigurable):
             # no synthetic 'restarting' status here: JupyterLab takes it for a crash; the kernel itself says
             # shutdown_reply and then starting/busy/idle, as clients expect from a requested restart
             kernel.execution_state = "restarting"
+            await self._mark_restarting(kernel)
             try:
                 await kernel.km.restart_kernel(now=False)
                 assert kernel.bridge is not None
@@ -348,11 +612,13 @@ class KernelRegistry(EnvConfigurable):
                 kernel.execution_state = "dead"
                 raise LaunchError(f"restart failed: {exc}", kernel_id=kernel_id) from exc
             kernel.execution_state = "idle"
+            self.make_keeper(kernel)  # restarted here: its keeper now (the others let their copies go)
+            await self.update_record(kernel)
             return kernel
 
     async def shutdown(self, kernel_id: str, now: bool = False) -> None:
         """Shut the kernel down (shutdown_request, then kill after ``shutdown_timeout``) and forget it."""
-        kernel = self.get(kernel_id)
+        kernel = await self.find(kernel_id)
         async with kernel.lock:
             if kernel_id not in self.kernels:
                 return
@@ -363,3 +629,12 @@ class KernelRegistry(EnvConfigurable):
             finally:
                 if kernel.bridge:
                     kernel.bridge.close()
+            await self._forget_record(kernel)
+
+    async def _forget_record(self, kernel: ManagedKernel) -> None:
+        if self.store is None:
+            return
+        try:
+            await self.store.remove(kernel.kernel_id)
+        except StoreUnavailable as exc:  # the next gateway finds the kernel gone and removes the record then
+            kernel.log.warning("the record of the shut-down kernel stays in the store for now: %s", exc)

@@ -2,7 +2,8 @@
 
 Records are sealed whole with the operator's key (:mod:`.crypto`): they hold ZMQ and launcher control keys,
 and a record changed in the store is refused, never trusted. Stores are real engines, chosen by one option
-(:class:`~.options.KernelStoreOptions`): SQLite (embedded, the default) and PostgreSQL (for replicas).
+(:class:`~.options.KernelStoreOptions`): SQLite (embedded, the default), PostgreSQL (for replicas) and
+Kubernetes Secrets (:mod:`.kubernetes`: for a gateway, or its replicas, running in a cluster).
 """
 
 from .base import KernelStore, StoreUnavailable

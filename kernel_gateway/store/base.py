@@ -28,6 +28,7 @@ class KernelStore(ABC):
     event loop never waits on the engine and writes never interleave."""
 
     name = "store"
+    shared = False  # whether several gateways (replicas) may use it at once
 
     def __init__(self, cipher: RecordCipher) -> None:
         self._cipher = cipher
@@ -67,6 +68,21 @@ class KernelStore(ABC):
         await self._run(self._close)
         self._thread.shutdown(wait=False)
 
+    # -- what replicas share besides records ---------------------------------------------------------
+    async def note_activity(self, activity: dict[str, float]) -> None:
+        """Record when kernels were last active (unix time), in one write for the whole batch; a kernel keeps the
+        latest time any replica reported. Kernels without a record are ignored."""
+        if activity:
+            await self._run(self._note_activity, dict(activity))
+
+    async def activity(self) -> dict[str, float]:
+        """The latest activity replicas recorded, by kernel id."""
+        return await self._run(self._activity)
+
+    async def take_lease(self, name: str, holder: str, seconds: float) -> bool:
+        """Take, or renew, the lease ``name`` for ``holder`` for ``seconds``; False while another holder's runs."""
+        return await self._run(self._take_lease, name, holder, seconds)
+
     # -- what an engine implements (blocking; called on the store's thread) -------------------------
     @abstractmethod
     def describe(self) -> str:
@@ -86,3 +102,13 @@ class KernelStore(ABC):
 
     def _close(self) -> None:
         """Release the engine's connection; default: nothing."""
+
+    # a store one gateway uses alone (not ``shared``): the activity it sees is all there is, and the lease is its own
+    def _note_activity(self, activity: dict[str, float]) -> None:
+        """Default: nothing to share."""
+
+    def _activity(self) -> dict[str, float]:
+        return {}
+
+    def _take_lease(self, name: str, holder: str, seconds: float) -> bool:
+        return True

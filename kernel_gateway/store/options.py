@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 from jupyter_core.paths import jupyter_data_dir
 from traitlets import CaselessStrEnum, Unicode
 
-from provisioners.envconfig import EnvConfigurable
+from provisioners.envconfig import EnvConfigurable, env_value
 
 from .base import KernelStore, StoreUnavailable
 from .crypto import RecordCipher
@@ -19,8 +20,9 @@ class KernelStoreOptions(EnvConfigurable):  # type: ignore[misc]
     """Where kernel records are kept and the key that seals them."""
 
     kind = CaselessStrEnum(
-        ["sqlite", "postgresql"], "sqlite", config=True,
-        help="The kernel store: 'sqlite' (a file of this gateway's) or 'postgresql' (shared by replicas).",
+        ["sqlite", "postgresql", "kubernetes"], "sqlite", config=True,
+        help="The kernel store: 'sqlite' (a file of this gateway's), 'postgresql' (shared by replicas) or "
+        "'kubernetes' (a Secret per kernel in kubernetes_namespace, shared by replicas with the same instance name).",
     ).tag(env="GATEWAY_KERNEL_STORE")
     sqlite_path = Unicode(
         "", config=True,
@@ -31,6 +33,18 @@ class KernelStoreOptions(EnvConfigurable):  # type: ignore[misc]
         help="libpq connection string or URL of the PostgreSQL store, e.g. 'postgresql://gw@db/kernels'; keep the "
         "password out of it (PGPASSFILE or PGPASSWORD).",
     ).tag(env="GATEWAY_KERNEL_STORE_POSTGRESQL_URL")
+    kubernetes_namespace = Unicode(
+        "", config=True,
+        help="Namespace of the Kubernetes store's Secrets; empty: the gateway's own (its pod's, from the service "
+        "account, else the kubeconfig context's, else 'default'). The gateway needs get, list, create, update and "
+        "delete on secrets there.",
+    ).tag(env="GATEWAY_KERNEL_STORE_NAMESPACE")
+    kubernetes_instance = Unicode(
+        "", config=True,
+        help="Value of the kernel_gateway.store label on the Kubernetes store's Secrets: gateways with the same "
+        "value share records (give a Deployment's replicas one), others never see them. Empty: the value of "
+        "GATEWAY_INSTANCE_NAME, else the host name.",
+    ).tag(env="GATEWAY_KERNEL_STORE_INSTANCE")
     key = Unicode(
         "", config=True,
         help="The key that seals kernel records (they hold kernels' HMAC and control keys): 32 random bytes in "
@@ -68,6 +82,11 @@ def open_store(options: KernelStoreOptions) -> KernelStore:
             raise StoreUnavailable("the PostgreSQL kernel store needs KernelStoreOptions.postgresql_url "
                                    "(GATEWAY_KERNEL_STORE_POSTGRESQL_URL)")
         return PostgresKernelStore(options.postgresql_url, cipher)
+    if options.kind == "kubernetes":
+        from .kubernetes import KubernetesKernelStore
+
+        instance = options.kubernetes_instance or env_value("GATEWAY_INSTANCE_NAME") or socket.gethostname()
+        return KubernetesKernelStore(cipher, instance, namespace=options.kubernetes_namespace)
     from .sqlite import SQLiteKernelStore
 
     return SQLiteKernelStore(options.sqlite_path or Path(jupyter_data_dir()) / "kernel_gateway" / "kernels.sqlite", cipher)

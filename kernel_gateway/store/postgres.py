@@ -11,13 +11,20 @@ from .crypto import RecordCipher
 __all__ = ["PostgresKernelStore"]
 
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS kernel_gateway_kernels (kernel_id TEXT PRIMARY KEY, record BYTEA NOT NULL, "
-           "updated DOUBLE PRECISION NOT NULL)")
+           "updated DOUBLE PRECISION NOT NULL)",
+           "CREATE TABLE IF NOT EXISTS kernel_gateway_activity (kernel_id TEXT PRIMARY KEY REFERENCES "
+           "kernel_gateway_kernels ON DELETE CASCADE, last_activity DOUBLE PRECISION NOT NULL)",
+           "CREATE TABLE IF NOT EXISTS kernel_gateway_leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, "
+           "expires DOUBLE PRECISION NOT NULL)")
+#: the database's clock, so that replicas' clocks never decide who holds a lease
+_NOW = "extract(epoch from clock_timestamp())"
 
 
 class PostgresKernelStore(KernelStore):
     """Records in ``kernel_gateway_kernels``; a lost connection is opened again by the next call."""
 
     name = "postgresql"
+    shared = True
 
     def __init__(self, dsn: str, cipher: RecordCipher, connect_timeout: float = 5.0) -> None:
         super().__init__(cipher)
@@ -43,7 +50,8 @@ class PostgresKernelStore(KernelStore):
     def _execute(self, query: str, args: tuple = ()) -> list[tuple]:
         if self._conn is None or self._conn.closed:
             self._conn = self._psycopg.connect(self.dsn, autocommit=True, connect_timeout=max(1, int(self.connect_timeout)))
-            self._conn.execute(_SCHEMA)
+            for statement in _SCHEMA:
+                self._conn.execute(statement)
         try:
             cursor = self._conn.execute(query, args)
             return cursor.fetchall() if cursor.description else []
@@ -66,6 +74,23 @@ class PostgresKernelStore(KernelStore):
     def _all(self) -> list[tuple[str, bytes]]:
         return [(k, bytes(r)) for k, r in self._execute(
             "SELECT kernel_id, record FROM kernel_gateway_kernels ORDER BY updated")]
+
+    def _note_activity(self, activity: dict[str, float]) -> None:
+        self._execute("INSERT INTO kernel_gateway_activity (kernel_id, last_activity) SELECT a.k, a.t FROM "
+                      "unnest(%s::text[], %s::float8[]) AS a(k, t) JOIN kernel_gateway_kernels ON kernel_id = a.k "
+                      "ON CONFLICT (kernel_id) DO UPDATE SET last_activity = "
+                      "GREATEST(kernel_gateway_activity.last_activity, EXCLUDED.last_activity)",
+                      (list(activity), list(activity.values())))
+
+    def _activity(self) -> dict[str, float]:
+        return dict(self._execute("SELECT kernel_id, last_activity FROM kernel_gateway_activity"))
+
+    def _take_lease(self, name: str, holder: str, seconds: float) -> bool:
+        return bool(self._execute(
+            f"INSERT INTO kernel_gateway_leases (name, holder, expires) VALUES (%s, %s, {_NOW} + %s) "
+            "ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, expires = EXCLUDED.expires "
+            f"WHERE kernel_gateway_leases.holder = EXCLUDED.holder OR kernel_gateway_leases.expires < {_NOW} "
+            "RETURNING holder", (name, holder, seconds)))
 
     def _close(self) -> None:
         if self._conn is not None:

@@ -14,8 +14,10 @@ class KernelRecord:
     """One running kernel: who started what and when, and what a gateway needs to reach it again.
 
     ``provisioner_info`` is the provisioner's own state (``get_provisioner_info()``; restored with
-    ``load_provisioner_info()``); ``connection_info`` holds the kernel's ports and its HMAC key; ``control`` the
-    launcher's control port and key, if it has one. The whole record is sealed in the store.
+    ``load_provisioner_info()``), with a remote launcher's control port and key; ``connection_info`` holds the
+    kernel's ports and its HMAC key; ``launch`` the environment and working directory its restarts start with.
+    With replicas, ``keeper`` is the replica that restarts the kernel when it dies, and ``restarting_since`` marks a
+    restart in flight (no other replica takes the kernel for dead meanwhile). The whole record is sealed in the store.
     """
 
     kernel_id: str
@@ -24,7 +26,9 @@ class KernelRecord:
     created: float  # unix time the kernel first started
     provisioner_info: dict[str, Any] = field(default_factory=dict)
     connection_info: dict[str, Any] = field(default_factory=dict)
-    control: dict[str, Any] = field(default_factory=dict)
+    launch: dict[str, Any] = field(default_factory=dict)
+    keeper: str = ""
+    restarting_since: float = 0.0
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()

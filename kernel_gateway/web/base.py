@@ -108,6 +108,8 @@ class GatewayHandlerMixin:
         self.set_status(status_code)  # type: ignore[attr-defined]
         if status_code == 401:
             self.set_header("WWW-Authenticate", 'token realm="kernel-gateway"')  # type: ignore[attr-defined]
+        elif status_code == 503:
+            self.set_header("Retry-After", "5")  # type: ignore[attr-defined]  # starting, stopping, store away
         self.set_header("Content-Type", "application/json")  # type: ignore[attr-defined]
         self.finish(json.dumps({"reason": reason, "message": message}))  # type: ignore[attr-defined]
 

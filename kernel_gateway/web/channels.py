@@ -58,7 +58,7 @@ class KernelChannelsHandler(GatewayHandlerMixin, websocket.WebSocketHandler):
             raise web.HTTPError(403, "Host %r is not one of this gateway's names; add it to allowed_hosts "
                                 "(GATEWAY_ALLOWED_HOSTS) if clients reach the gateway by that name",
                                 self.request.host[:100], reason="Forbidden")
-        self.kernel = self.settings["registry"].get(kwargs["kernel_id"])
+        self.kernel = await self.settings["registry"].find(kwargs["kernel_id"])
         if self.kernel.bridge is None:
             raise web.HTTPError(409, "kernel %s is not ready", self.kernel.kernel_id, reason="Conflict")
         await super().get(*args, **kwargs)

@@ -15,14 +15,17 @@ class HealthHandler(APIHandler):
 
 
 class ReadyHandler(APIHandler):
-    """``GET /readyz``: 200 once started, 503 while starting or shutting down."""
+    """``GET /readyz``: 200 once started, 503 while starting, shutting down, or re-attaching the kernels it kept
+    (a kernel store that cannot be read keeps it there: a load balancer then sends clients elsewhere)."""
 
     public = True
 
     def get(self) -> None:
-        state = self.settings["state"]
+        phase = self.settings["state"].phase
+        if phase == "ready" and self.registry.restoring:
+            phase = "re-attaching kept kernels"
         kernels = len(self.registry.kernels)
-        self.write_json({"status": state.phase, "kernels": kernels}, 200 if state.phase == "ready" else 503)
+        self.write_json({"status": phase, "kernels": kernels}, 200 if phase == "ready" else 503)
 
 
 default_handlers = [

@@ -20,7 +20,7 @@ class KernelsHandler(APIHandler):
     """``/api/kernels``: the collection."""
 
     def get(self) -> None:
-        self.write_json([k.model() for k in self.registry.kernels.values()])
+        self.write_json(self.registry.models())
 
     async def post(self) -> None:
         body = self.json_body()
@@ -35,8 +35,8 @@ class KernelsHandler(APIHandler):
 class KernelHandler(APIHandler):
     """``/api/kernels/{id}``: one kernel."""
 
-    def get(self, kernel_id: str) -> None:
-        self.write_json(self.registry.get(kernel_id).model())
+    async def get(self, kernel_id: str) -> None:
+        self.write_json((await self.registry.find(kernel_id)).model())
 
     async def delete(self, kernel_id: str) -> None:
         await self.registry.shutdown(kernel_id)

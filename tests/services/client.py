@@ -134,6 +134,16 @@ class KernelWS:
         out = "".join(m["content"]["text"] for m in msgs if m["msg_type"] == "stream" and m["content"]["name"] == "stdout")
         return out, msgs
 
+    def assert_interrupts(self, gw: GatewayServer, kernel_id: str) -> None:
+        """Start a long cell, interrupt the kernel over REST once the cell runs, and check it ended that way."""
+        # its output says the cell runs: ipykernel ignores SIGINT until then, 'busy' is sent a little earlier
+        msg_id = self.execute("import time; print('sleeping', flush=True); time.sleep(60)")
+        self.recv_until(lambda m: m["msg_type"] == "stream" and m["parent_header"].get("msg_id") == msg_id, timeout=30)
+        status, body, _ = call(gw, "POST", f"/api/kernels/{kernel_id}/interrupt")
+        assert status == 204, body
+        reply = [m for m in self.collect(msg_id, timeout=30) if m["msg_type"] == "execute_reply"][0]
+        assert reply["content"]["ename"] == "KeyboardInterrupt", reply["content"]
+
     def close(self) -> None:
         self.ws.close()
 

@@ -80,13 +80,15 @@ def start_gateway(
     env: dict[str, str] | None = None,
     timeout: float = 30,
     preexec_fn=None,
+    port: int | None = None,
 ) -> GatewayServer:
     """Start ``python -m kernel_gateway`` with ``args`` and wait for ``/readyz``.
 
     ``token=None`` generates one; ``token=""`` starts without auth (``--no-auth``). ``preexec_fn`` runs in
-    the child before it starts (e.g. to set its resource limits).
+    the child before it starts (e.g. to set its resource limits). ``port``: a given one (e.g. a stopped
+    gateway's, to start it again at the same address); default a free one.
     """
-    port = free_port()
+    port = port or free_port()
     if token is None:
         token = secrets.token_hex(16)
     argv = [sys.executable, "-m", "kernel_gateway", "--ip=127.0.0.1", f"--port={port}"]

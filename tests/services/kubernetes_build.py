@@ -14,6 +14,9 @@
   :func:`tests.services.docker_engine.build_images`), saved from Docker under a fully qualified,
   non-``latest`` name (``localhost/kgw/kernel-python:<inputs hash>``) that containerd cannot mistake for
   one to pull.
+* :func:`spark_image`: the Spark kernel image (``launchers/images/spark/Dockerfile``: the kernel image plus
+  Debian's Java 17 JRE and the pyspark the gateway's Python has, installed from the host's pip cache when
+  its wheel is there), built only when a Spark test asks for it, saved as ``localhost/kgw/kernel-spark:<hash>``.
 """
 
 from __future__ import annotations
@@ -26,11 +29,13 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 from .apt import install_missing
-from .docker_engine import HASH_LABEL, _file_lock, build_images, ensure_docker
+from .docker_engine import HASH_LABEL, REPO, _file_lock, build_image, build_images, ensure_docker, image_label, inputs_hash
 
 K8S_VERSION = "1.34.4"
 ETCD_VERSION = "3.6.4"  # the go.etcd.io/etcd/* that k8s.io/kubernetes v1.34.4 requires
@@ -42,6 +47,9 @@ APT_PACKAGES = ("containerd", "runc", "containernetworking-plugins", "iptables",
 PAUSE_IMAGE = "localhost/kgw/pause:3.10"
 KERNEL_REPOSITORY = "localhost/kgw/kernel-python"
 GATEWAY_REPOSITORY = "localhost/kgw/gateway"
+SPARK_REPOSITORY = "localhost/kgw/kernel-spark"
+SPARK_TAG = "kgw-kernel-spark:dev"
+SPARK_INPUTS = ("launchers/images/spark/Dockerfile", "launchers/images/spark/spark-entrypoint.sh")
 
 
 def log(message: str) -> None:
@@ -198,6 +206,39 @@ def gateway_image(timeout: float = 3600.0) -> tuple[str, Path]:
     """(name, tarball) of the project's gateway image (the root ``Dockerfile``), as :func:`kernel_image` does
     for the kernel image; for the Helm chart's tests."""
     return saved_image(build_images(ensure_docker())["gateway"], GATEWAY_REPOSITORY, "gateway", timeout)
+
+
+def pyspark_wheel(wanted: str) -> Path | None:
+    """pyspark ``wanted``'s wheel in this host's pip cache (where pip keeps the wheels it built), if there."""
+    cache = Path(os.environ.get("PIP_CACHE_DIR") or Path.home() / ".cache" / "pip") / "wheels"
+    return next(iter(sorted(cache.glob(f"**/pyspark-{wanted}-*.whl"))), None)
+
+
+def spark_image(timeout: float = 3600.0) -> tuple[str, Path]:
+    """(name, tarball) of the Spark kernel image: ``launchers/images/spark/Dockerfile`` FROM :func:`kernel_image`'s
+    Docker image with the pyspark version installed here, built (once per inputs hash) from a context holding
+    pyspark's wheel from the pip cache when it is there, and saved as ``localhost/kgw/kernel-spark:<hash>``."""
+    client = ensure_docker()
+    kernel = build_images(client)["kernel"]
+    pyspark = version("pyspark")
+    digest = inputs_hash(SPARK_INPUTS, extra=f"{client.images.get(kernel).id} pyspark=={pyspark}")
+    with _file_lock("kgw-docker-build.lock", timeout=timeout):
+        if image_label(client, SPARK_TAG) != digest:
+            with tempfile.TemporaryDirectory(prefix="kgw-spark-image-") as tmp:
+                context = Path(tmp)
+                (context / "wheels").mkdir()
+                for rel in SPARK_INPUTS:
+                    shutil.copy2(REPO / rel, context)
+                wheel = pyspark_wheel(pyspark)
+                if wheel is not None:  # a hard link when it can be: the wheel is ~460 MB
+                    try:
+                        os.link(wheel, context / "wheels" / wheel.name)
+                    except OSError:
+                        shutil.copy2(wheel, context / "wheels")
+                log(f"building {SPARK_TAG} (pyspark {pyspark} from {wheel or 'PyPI'})")
+                build_image(client, SPARK_TAG, context, "Dockerfile", digest, timeout=timeout,
+                            buildargs={"KERNEL_IMAGE": kernel, "PYSPARK_VERSION": pyspark})
+    return saved_image(SPARK_TAG, SPARK_REPOSITORY, "kernel-spark", timeout)
 
 
 def saved_image(tag: str, repository: str, prefix: str, timeout: float = 600.0) -> tuple[str, Path]:

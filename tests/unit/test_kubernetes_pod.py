@@ -195,3 +195,22 @@ def test_parse_toleration():
     assert parse_toleration("example.com/pool=a") == {"key": "example.com/pool", "operator": "Equal", "value": "a"}
     with pytest.raises(ValueError):
         parse_toleration("a=b=c")
+
+
+def _waiting_pod(reason: str, message: str) -> dict:
+    """A pod object as the API server sends it while the kubelet cannot create the kernel container."""
+    return {"metadata": {"name": "kernel-x", "uid": "u1"},
+            "status": {"phase": "Pending", "containerStatuses": [
+                {"name": "kernel", "state": {"waiting": {"reason": reason, "message": message}}}]}}
+
+
+def test_a_secret_the_node_may_not_read_yet_is_waited_for_but_a_missing_one_fails_the_start():
+    from provisioners.kubernetes_watch import PodState, apply_pod
+
+    transient = PodState()
+    apply_pod(transient, _waiting_pod("CreateContainerConfigError",
+                                      "failed to sync secret cache: timed out waiting for the condition"))
+    assert transient.failure is None and not transient.failed.is_set()
+    missing = PodState()
+    apply_pod(missing, _waiting_pod("CreateContainerConfigError", 'secret "kernel-x-launch" not found'))
+    assert missing.failure is not None and missing.failure.kind == "config" and "not found" in missing.failure.message

@@ -84,9 +84,14 @@ def test_lint_and_schema(helm):
     assert helm.helm("lint", str(CHART), "--strict", "--set", "kernels.namespaceMode=per-kernel",
                      "--set", "kernels.kernelClusterRole=view", "--set", "networkPolicy.enabled=true",
                      "--set", "ingress.enabled=true", "--set", "ingress.hosts[0].host=gw.example.org",
-                     "--set", "ingress.hosts[0].paths[0].path=/").returncode == 0
+                     "--set", "ingress.hosts[0].paths[0].path=/", "--set", "kernelStore.kind=kubernetes",
+                     "--set", "kernelStore.keySecret=mine", "--set", "kernels.onStop=shutdown").returncode == 0
+    # replicas share kernels only through the Kubernetes store
+    assert helm.helm("lint", str(CHART), "--strict", "--set", "replicaCount=3",
+                     "--set", "kernelStore.kind=kubernetes").returncode == 0
     for bad in ("kernels.namespaceMode=everywhere", "replicaCount=2", "gateway.portRange=40000-41000",
-                "kernels.namespace=Not_A_Label", "gatway.port=1", "kernels.imagePullPolicy=Sometimes"):
+                "kernels.namespace=Not_A_Label", "gatway.port=1", "kernels.imagePullPolicy=Sometimes",
+                "kernelStore.kind=etcd", "kernels.onStop=sometimes", "kernelStore.keySecret=Not_A_Name"):
         proc = helm.helm("lint", str(CHART), "--set", bad, check=False)
         output = proc.stdout + proc.stderr
         assert proc.returncode != 0 and "values don't meet the specifications of the schema" in output, (bad, output)
@@ -120,11 +125,66 @@ def test_template_rbac_is_least_privilege(helm):
     assert spec["metadata"]["kernel_provisioner"]["provisioner_name"] == "kubernetes-provisioner"
     based = render(helm, "--set", "gateway.baseUrl=/gw", "--set", "auth.existingSecret=mine",
                    "--set", "auth.existingSecretKey=tok")
-    assert "Secret" not in {doc["kind"] for doc in based}
+    assert [doc["metadata"]["name"] for doc in based if doc["kind"] == "Secret"] == ["rel-kernel-gateway-store-key"]
     [container] = [doc for doc in based if doc["kind"] == "Deployment"][0]["spec"]["template"]["spec"]["containers"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/gw/readyz"
     env = {item["name"]: item for item in container["env"]}
     assert env["GATEWAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "mine", "key": "tok"}
+
+
+def gateway_pod(docs: list[dict]) -> tuple[dict, dict, dict[str, str]]:
+    """The gateway's pod spec, its container, and the container's plain env values."""
+    [deployment] = [doc for doc in docs if doc["kind"] == "Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    return pod, container, {item["name"]: item.get("value") for item in container["env"]}
+
+
+def test_template_kernel_store(helm):
+    """The store key is a file from a Secret (the chart's, kept across upgrades, or the operator's); the Kubernetes
+    store gets its namespace, its own Role on secrets in the release's namespace only, and keeps kernels on stop."""
+    default = render(helm, namespace="gw")
+    pod, container, env = gateway_pod(default)
+    assert env["GATEWAY_KERNEL_STORE"] == "sqlite" and env["GATEWAY_KERNELS_ON_STOP"] == "shutdown"
+    assert "GATEWAY_KERNEL_STORE_NAMESPACE" not in env
+    [mount] = [m for m in container["volumeMounts"] if m["name"] == "store-key"]
+    assert f"{mount['mountPath']}/key" == env["GATEWAY_KERNEL_STORE_KEY_FILE"] and mount["readOnly"]
+    [volume] = [v for v in pod["volumes"] if v["name"] == "store-key"]
+    assert volume["secret"] == {"secretName": "rel-kernel-gateway-store-key", "defaultMode": 0o400,
+                                "items": [{"key": "key", "path": "key"}]}
+    [key_secret] = [d for d in default if d["kind"] == "Secret" and d["metadata"]["name"].endswith("store-key")]
+    assert len(base64.b64decode(base64.b64decode(key_secret["data"]["key"]), validate=True)) == 32
+    assert key_secret["metadata"]["namespace"] == "gw"
+    assert not [d for d in default if d["kind"] == "Role" and d["metadata"]["name"].endswith("-store")]
+
+    in_secrets = render(helm, "--set", "kernelStore.kind=kubernetes", "--set", "kernels.namespaceMode=per-kernel",
+                        namespace="gw")
+    env = gateway_pod(in_secrets)[2]
+    [deployment] = [d for d in in_secrets if d["kind"] == "Deployment"]
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"  # the new pods serve the kept kernels
+    assert [d for d in default if d["kind"] == "Deployment"][0]["spec"]["strategy"]["type"] == "Recreate"
+    assert (env["GATEWAY_KERNEL_STORE"], env["GATEWAY_KERNEL_STORE_NAMESPACE"]) == ("kubernetes", "gw")
+    assert env["GATEWAY_KERNELS_ON_STOP"] == "keep" and env["GATEWAY_INSTANCE_NAME"] == "rel-kernel-gateway"
+    [role] = [d for d in in_secrets if d["kind"] == "Role"]  # per-kernel: the kernels' rules are a ClusterRole
+    assert (role["metadata"]["name"], role["metadata"]["namespace"]) == ("rel-kernel-gateway-store", "gw")
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "create", "update", "delete"]},
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["list", "create", "update", "delete"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]}]
+    [binding] = [d for d in in_secrets if d["kind"] == "RoleBinding"]
+    assert binding["roleRef"]["name"] == "rel-kernel-gateway-store"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "rel-kernel-gateway", "namespace": "gw"}]
+
+    own_key = render(helm, "--set", "kernelStore.kind=kubernetes", "--set", "kernelStore.keySecret=my-key",
+                     "--set", "kernelStore.keySecretKey=store.key", "--set", "kernels.onStop=shutdown",
+                     "--set", "rbac.create=false")
+    assert not [d for d in own_key if d["kind"] == "Secret" and d["metadata"]["name"].endswith("store-key")]
+    assert not [d for d in own_key if d["kind"] in ("Role", "RoleBinding")]
+    pod, _, env = gateway_pod(own_key)
+    [volume] = [v for v in pod["volumes"] if v["name"] == "store-key"]
+    assert volume["secret"]["secretName"] == "my-key" and volume["secret"]["items"] == [
+        {"key": "store.key", "path": "key"}]
+    assert env["GATEWAY_KERNELS_ON_STOP"] == "shutdown"
 
 
 VALUE_SETS = {
@@ -132,13 +192,18 @@ VALUE_SETS = {
     "per-kernel": ["--set", "kernels.namespaceMode=per-kernel", "--set", "kernels.kernelClusterRole=view"],
     "allowed-namespaces": ["--set", "kernels.allowedNamespaces={team-a,team-b}"],
     "example-kernelspecs": ["-f", str(CHART / "examples" / "kernelspecs.yaml")],
+    "kubernetes-store": ["--set", "kernelStore.kind=kubernetes"],
+    "kubernetes-store-per-kernel": ["--set", "kernelStore.kind=kubernetes", "--set", "kernels.namespaceMode=per-kernel",
+                                    "--set", "kernelStore.keySecret=my-key", "--set", "kernels.onStop=shutdown"],
     "everything": ["--set", "ingress.enabled=true", "--set", "ingress.className=nginx",
                    "--set", "ingress.hosts[0].host=gw.example.org", "--set", "ingress.hosts[0].paths[0].path=/",
                    "--set", "ingress.tls[0].secretName=gw-tls", "--set", "ingress.tls[0].hosts[0]=gw.example.org",
                    "--set", "networkPolicy.enabled=true", "--set", "auth.existingSecret=mine",
                    "--set", "gateway.extraEnv.GATEWAY_ALLOW_ORIGIN=https://lab.example.org",
                    "--set", "kernels.nodeSelector.disk=ssd", "--set", "kernels.tolerations={gpu:NoSchedule}",
-                   "--set", "service.type=NodePort", "--set", "gateway.baseUrl=/gw/"],
+                   "--set", "service.type=NodePort", "--set", "gateway.baseUrl=/gw/",
+                   "--set-json", 'rbac.extraRules=[{"apiGroups": [""], "resources": ["services", "configmaps"], '
+                                 '"verbs": ["create", "get", "list", "patch", "delete"]}]'],
 }
 
 
@@ -290,3 +355,83 @@ def test_install_pod_kernel_upgrade_uninstall(helm, api, namespace, k8s_cluster,
     wait_until(lambda: not release_objects(helm, namespace, release), 120, 1,
                what="nothing of the release left after helm uninstall")
     print(f"helm uninstall until nothing is left: {time.monotonic() - started:.1f}s")
+
+
+def test_replicas_share_pod_kernels_and_keep_them_across_an_upgrade(helm, api, namespace, k8s_cluster, tmp_path):
+    """Two gateway replicas on the Kubernetes store behind the chart's Service: kernels started through either
+    survive the other's first start (no reaping of a replica's kernels), and a rolling upgrade (new gateway pods)
+    keeps every kernel and its variables; the notebook's websocket through jupyter_server carries on."""
+    image = k8s_cluster.import_image(*gateway_image())
+    repository, tag = image.rsplit(":", 1)
+    release = "kr"
+    values = ["--set", f"image.repository={repository}", "--set", f"image.tag={tag}", "--set", "image.pullPolicy=Never",
+              "--set", f"kernels.image={k8s_cluster.kernel_image}", "--set", "kernels.imagePullPolicy=Never",
+              "--set", f"gateway.portRange={PORTS}", "--set", "gateway.launchTimeout=150",
+              "--set", "kernelStore.kind=kubernetes", "--set", "replicaCount=2"]
+    helm.helm("install", release, str(CHART), "-n", namespace, *values, "--wait", "--timeout", INSTALL)
+    selector = f"app.kubernetes.io/instance={release}"
+    first_pods = {p.metadata.name for p in api.core.list_namespaced_pod(namespace, label_selector=selector).items}
+    assert len(first_pods) == 2
+    service = api.core.read_namespaced_service(f"{release}-kernel-gateway", namespace)
+    url = f"http://{service.spec.cluster_ip}:8888"
+    token = base64.b64decode(api.core.read_namespaced_secret(f"{release}-kernel-gateway-token", namespace)
+                             .data["token"]).decode()
+    wait_until(lambda: answers(f"{url}/readyz"), 60, 0.2, what="the gateways through their Service")
+    jupyter = start_jupyter_server(types.SimpleNamespace(url=url, token=token), tmp_path / "jupyter")
+    sessions: list[dict] = []
+
+    def kernel_pods() -> set[str]:
+        pods = api.core.list_namespaced_pod(namespace, label_selector="kernel_gateway.kernel_id").items
+        return {p.metadata.labels["kernel_gateway.kernel_id"] for p in pods if p.metadata.deletion_timestamp is None}
+
+    try:
+        for i in range(4):  # kube-proxy spreads the starts over both replicas
+            resp = jupyter.request("POST", "/api/sessions", {"path": f"r{i}.ipynb", "name": f"r{i}.ipynb",
+                                                             "type": "notebook", "kernel": {"name": "python-pod"}},
+                                   timeout=START + 30)
+            assert resp.status == 201, (resp.status, resp.body, jupyter.log()[-3000:])
+            sessions.append(resp.json())
+        kernels = [s["kernel"]["id"] for s in sessions]
+        assert set(kernels) <= kernel_pods()  # each replica's first start spared the other's kernels
+        ws = KernelWebSocket(jupyter.ws_url, kernels[0], jupyter.headers, session_id=uuid.uuid4().hex)
+        ws.kernel_info(timeout=60)
+        assert ws.run("kept = 6 * 7; print(kept)", timeout=60).stdout.strip() == "42"
+
+        started = time.monotonic()
+        helm.helm("upgrade", release, str(CHART), "-n", namespace, *values,
+                  "--set", "gateway.extraEnv.KGW_TEST_ROLL=1", "--wait", "--timeout", INSTALL)
+        wait_until(lambda: not first_pods & {p.metadata.name for p in api.core.list_namespaced_pod(
+            namespace, label_selector=selector).items}, 180, 0.5, what="the old gateway pods to go")
+        print(f"rolling upgrade of 2 replicas with 4 kernels: {time.monotonic() - started:.1f}s")
+        assert set(kernels) <= kernel_pods()
+        deadline = time.monotonic() + 120
+        while True:  # jupyter_server reconnects its upstream websocket by itself; the notebook's stays open
+            try:
+                assert ws.run("print(kept)", timeout=10).stdout.strip() == "42"
+                break
+            except (TimeoutError, AssertionError):
+                assert time.monotonic() < deadline and not ws.closed, jupyter.log()[-3000:]
+        ws.close()
+        for kid in kernels[1:]:
+            with KernelWebSocket(jupyter.ws_url, kid, jupyter.headers, session_id=uuid.uuid4().hex) as other:
+                other.kernel_info(timeout=60)
+                assert other.run("print('alive')", timeout=60).stdout.strip() == "alive"
+    finally:
+        ended = [jupyter.request("DELETE", f"/api/sessions/{s['id']}", timeout=120).status for s in sessions]
+        jupyter.stop()
+        try:  # kept kernels outlive the chart: they are shut down first
+            wait_until(lambda: not kernel_pods(), 120, 0.5, what="the sessions' kernel pods to go")
+        except TimeoutError:
+            logs = helm.kubectl("logs", "-n", namespace, "-l", selector, "--tail=400", "--prefix", check=False).stdout
+            raise AssertionError(f"kernel pods left after their sessions ended ({ended}): {kernel_pods()}\n"
+                                 f"{jupyter.log()[-4000:]}\n{logs}") from None
+        finally:
+            helm.helm("uninstall", release, "-n", namespace, "--wait", "--timeout", INSTALL, check=False)
+    assert ended == [204] * len(sessions), ended
+    try:
+        wait_until(lambda: not release_objects(helm, namespace, release), 120, 1,
+                   what="nothing of the release left after the sessions ended and helm uninstall")
+    except TimeoutError:
+        raise AssertionError(f"left after uninstall: {release_objects(helm, namespace, release)}") from None
+    records = helm.kubectl("get", "secrets", "-n", namespace, "-l", "kernel_gateway.store", "-o", "name").stdout.split()
+    assert not records, records
