@@ -29,6 +29,7 @@ from . import __version__
 from .connections import CHANNELS_WEIGHT, GatewayHTTPServer, default_max_connections, raise_descriptor_limit
 from .kernels import KernelCuller, KernelRegistry
 from .logs import configure_logging, log_request
+from .metrics import LoopLagMonitor
 from .policy import GatewayPolicy
 from .sessions import SessionStore
 from .startup_checks import validate_all, validate_kernelspecs
@@ -64,6 +65,10 @@ flags = {
         {"CompatKernelSpecManager": {"accept_enterprise_gateway": True},
          "ResponseListener": {"accept_enterprise_gateway": True}},
         "Serve Enterprise Gateway kernelspecs and accept EG launcher payloads (while migrating from EG).",
+    ),
+    "allow-unauthenticated-metrics": (
+        {"GatewayApp": {"allow_unauthenticated_metrics": True}},
+        "Serve GET /metrics without a token (for a Prometheus scraper that sends none).",
     ),
     "json-logs": ({"GatewayApp": {"json_logs": True}}, "Log JSON lines."),
     "debug": ({"Application": {"log_level": logging.DEBUG}}, "Log debug messages."),
@@ -131,6 +136,13 @@ class GatewayApp(EnvConfigurable, Application):
         "GatewayKernelManager): the kernel id, a random UUID only returned to authenticated callers, "
         "then acts as the credential.",
     ).tag(env="GATEWAY_ALLOW_UNAUTHENTICATED_CHANNELS")
+    allow_unauthenticated_metrics = Bool(
+        False,
+        config=True,
+        help="Serve GET /metrics (Prometheus) without a token, for a scraper that sends none, e.g. inside the "
+        "cluster. Its series carry no kernel ids or user names but show how the gateway is used: let only the "
+        "scraper reach the port. Off: /metrics needs the token like the REST API.",
+    ).tag(env="GATEWAY_ALLOW_UNAUTHENTICATED_METRICS")
     allow_origin = Unicode(
         "",
         config=True,
@@ -342,6 +354,7 @@ class GatewayApp(EnvConfigurable, Application):
         settings = {
             "auth_token": "" if self.allow_unauthenticated_access else self.auth_token,
             "allow_unauthenticated_channels": self.allow_unauthenticated_channels,
+            "allow_unauthenticated_metrics": self.allow_unauthenticated_metrics,
             "allow_origin": self.allow_origin,
             "allowed_hosts": [self.ip.lower(), *self.allowed_hosts],
             "legacy_binary_frames": self.legacy_binary_frames.lower(),
@@ -386,6 +399,8 @@ class GatewayApp(EnvConfigurable, Application):
         await self.registry.start()
         restoring = await self._restore_kernels(stop)
         await self.culler.start()
+        lag = LoopLagMonitor()
+        lag.start()
         state.phase = "ready"
         self._announce()
         await stop.wait()
@@ -396,6 +411,7 @@ class GatewayApp(EnvConfigurable, Application):
         if restoring is not None:
             restoring.cancel()
         await self.culler.stop()
+        lag.stop()
         await self.registry.stop()
         if ResponseListener._instance is not None:
             await ResponseListener._instance.stop()

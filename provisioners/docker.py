@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any, Container
 
 import docker
@@ -257,7 +258,8 @@ class DockerHost:
         for kind, items in (("service", services), ("container", containers)):
             for item in items:
                 labels = item.attrs.get("Spec", {}).get("Labels", {}) if kind == "service" else item.labels
-                if labels.get(KERNEL_LABEL) in keep or is_kept(labels.get(KERNEL_LABEL, "")):
+                created = _docker_time(item.attrs.get("CreatedAt" if kind == "service" else "Created"))
+                if labels.get(KERNEL_LABEL) in keep or is_kept(labels.get(KERNEL_LABEL, ""), created):
                     continue
                 log.warning("removing %s %s left by an earlier run of gateway %r", kind, item.name, instance)
                 try:
@@ -402,6 +404,17 @@ class DockerProvisioner(ContainerProvisioner):
         await self.host.connect()
         self.host.track(self.kernel_id, swarm=self.swarm, exists=True)
         await self.host.refresh()
+
+
+def _docker_time(text: str | None) -> float | None:
+    """Docker's RFC 3339 time (nanoseconds, 'Z') as unix time; None if it is not one."""
+    if not text:
+        return None
+    head, _, rest = text.rstrip("Z").partition(".")
+    try:
+        return datetime.fromisoformat(head).replace(tzinfo=timezone.utc).timestamp() + float(f"0.{rest or 0}"[:10])
+    except ValueError:
+        return None
 
 
 def _own_address(client: docker.DockerClient, network: str) -> str | None:

@@ -63,9 +63,11 @@ class _DropLog:
         self.interval = interval
         self.logged: set[str] = set()
         self.suppressed: Counter[str] = Counter()
+        self.counts: Counter[str] = Counter()  # every drop since start, by reason (never reset: metrics)
         self._timer: asyncio.TimerHandle | None = None
 
     def note(self, reason: str, peer: str, detail: str) -> None:
+        self.counts[reason] += 1
         if reason in self.logged:
             self.suppressed[reason] += 1
             return
@@ -215,6 +217,12 @@ class ResponseListener(EnvConfigurable):
             writer.transport.abort()  # their handlers then end as on a dropped connection
         await asyncio.gather(*self._serving, return_exceptions=True)
         self._drops.flush()
+
+    @property
+    def rejections(self) -> Counter[str]:
+        """Launcher connections dropped since start, by reason (a fixed set: :class:`Rejected` reasons, limits,
+        deadline, connection error)."""
+        return self._drops.counts
 
     @property
     def public_key(self) -> str:

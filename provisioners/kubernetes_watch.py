@@ -27,6 +27,7 @@ from kubernetes.client.rest import ApiException
 from kubernetes.config.config_exception import ConfigException
 
 from ._blocking import run_blocking
+from .api_requests import count_request
 from .container import LABEL
 from .errors import BackendError
 from .kept import is_kept
@@ -46,6 +47,12 @@ WAITING_FAILURES = {
     "CrashLoopBackOff": "crash", "CreateContainerConfigError": "config", "CreateContainerError": "config",
     "RunContainerError": "config",
 }
+
+
+def _created(item: Any) -> float | None:
+    """When an API object was created (unix time), if it says."""
+    stamp = item.metadata.creation_timestamp
+    return stamp.timestamp() if stamp is not None else None
 
 
 def _transient(waiting: dict[str, Any]) -> bool:
@@ -98,6 +105,7 @@ class _CountingApiClient(client.ApiClient):
         kind = re.sub(r"/(namespaces|pods|secrets|rolebindings|serviceaccounts)/[^/]+", r"/\1/{name}", "/" + path)
         watching = "watch=true" in url.lower()
         self.requests[f"{'WATCH' if watching else method} {kind}"] += 1
+        count_request("kubernetes")
         return super().call_api(method, url, *args, **kwargs)
 
 
@@ -314,14 +322,14 @@ class PodWatcher:
                                         ("secret", secrets, core.delete_namespaced_secret)):
                 for item in items:
                     kernel = (item.metadata.labels or {}).get(KERNEL_LABEL, "")
-                    if kernel in keep or is_kept(kernel):
+                    if kernel in keep or is_kept(kernel, _created(item)):
                         continue
                     log.warning("removing %s %s/%s left by an earlier run of gateway %r", kind,
                                 item.metadata.namespace, item.metadata.name, self.instance)
                     delete_if_present(delete, item.metadata.name, item.metadata.namespace, grace_period_seconds=0)
             for item in namespaces:
                 kernel = (item.metadata.labels or {}).get(KERNEL_LABEL, "")
-                if kernel not in keep and not is_kept(kernel):
+                if kernel not in keep and not is_kept(kernel, _created(item)):
                     log.warning("removing namespace %s left by an earlier run of gateway %r", item.metadata.name,
                                 self.instance)
                     delete_if_present(core.delete_namespace, item.metadata.name)

@@ -30,6 +30,7 @@ from yarn_api_client.errors import APIError
 from yarn_api_client.resource_manager import ResourceManager
 
 from ._blocking import run_blocking
+from .api_requests import count_request
 from .errors import BackendError
 from .kept import is_kept
 from .yarn_auth import RMAuth
@@ -92,6 +93,7 @@ class ResourceManagerClient:
         kind = re.sub(r"application_\d+_\d+", "{id}", path)
         with self._lock:
             self.requests[f"{method} {kind}"] += 1
+        count_request("yarn")
 
     def call(self, name: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Run ``ResourceManager.<name>`` on the active RM, failing over in order; return the JSON body."""
@@ -259,7 +261,9 @@ class ApplicationWatcher:
         self.reaped = True  # only once the RM answered: an RM that was down is asked again by the next start
         killed = []
         for app in (data.get("apps") or {}).get("app") or []:
-            if app["id"] in keep or app["id"] in self.apps or is_kept(app.get("name", "")):
+            started = app.get("startedTime")
+            if app["id"] in keep or app["id"] in self.apps or \
+                    is_kept(app.get("name", ""), started / 1000 if started and started > 0 else None):
                 continue
             log.warning("killing YARN application %s (kernel %s) left by an earlier run of this gateway",
                         app["id"], app.get("name", "?"))

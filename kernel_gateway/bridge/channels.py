@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator
 import zmq
 import zmq.asyncio
 
+from .. import metrics
 from .backlog import Backlog, BridgeLimits
 from .frames import DELIMITER, FrameError, KernelMessage, Signer, kernel_message_from_zmq, make_message_parts
 from .session import ChannelSession, gateway_message, read_batches, zmq_address
@@ -87,8 +88,10 @@ class KernelBridge:
         self._iopub_task = asyncio.create_task(self._read_iopub(sock))
 
     async def _read_iopub(self, sock: zmq.asyncio.Socket) -> None:
+        tally = metrics.relayed("iopub", metrics.KERNEL_TO_CLIENT)
         async for batch in read_batches(sock):
             self.touch()
+            tally.add_batch(batch)
             for frames in batch:
                 try:
                     msg = kernel_message_from_zmq("iopub", frames, self.signer)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import zmq
 import zmq.asyncio
 
+from .. import metrics
 from .backlog import Encoder
 from .frames import DELIMITER, FrameError, KernelMessage, kernel_message_from_zmq, make_message_parts
 
@@ -143,8 +144,10 @@ class ChannelSession:
             self._sockets["shell"].send_multipart(frames, copy=False)
 
     async def _read(self, channel: str, sock: zmq.asyncio.Socket) -> None:
+        tally = metrics.relayed(channel, metrics.KERNEL_TO_CLIENT)
         async for batch in read_batches(sock):
             self.bridge.touch()
+            tally.add_batch(batch)
             for frames in batch:
                 try:
                     msg = kernel_message_from_zmq(channel, frames, self.bridge.signer)
@@ -165,6 +168,7 @@ class ChannelSession:
     def lose(self, count: int) -> None:
         """Note ``count`` messages this session's client will not get, to tell it when it comes back."""
         self._dropped += count
+        metrics.DROPPED.messages += count
 
     def skip(self, cursor: int, lost: int, what: str) -> None:
         """The backlog sheds: move on to ``cursor``, losing ``lost`` messages; an attached client is let go."""
@@ -222,6 +226,7 @@ class ChannelSession:
                 return
         frames = [DELIMITER, self.bridge.signer.sign(parts), *parts]
         self.bridge.touch()
+        metrics.relayed(channel, metrics.CLIENT_TO_KERNEL).add(frames)
         if channel == "shell" and self._held is not None:
             self._held.append(frames)
             return

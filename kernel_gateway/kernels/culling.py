@@ -16,6 +16,7 @@ from traitlets import Bool, Instance, Integer, TraitError, validate
 
 from provisioners.envconfig import EnvConfigurable
 
+from .. import metrics
 from ..store import StoreUnavailable
 from .registry import KernelRegistry
 
@@ -105,6 +106,7 @@ class KernelCuller(EnvConfigurable):
             if self.should_cull(kernel, now, last):
                 kernel.log.info("culling: idle for %.0fs (%d connections, %s)",
                                 now - max(kernel.last_activity, last or 0.0), kernel.connections, kernel.execution_state)
+                metrics.CULLS.inc()
                 await registry.shutdown(kernel.kernel_id)
         for record in list(replicas.peers.values()) if replicas is not None else ():
             idle = now - shared.get(record.kernel_id, record.created)
@@ -112,4 +114,5 @@ class KernelCuller(EnvConfigurable):
                 log.info("culling kernel %s held by another replica: idle for %.0fs", record.kernel_id, idle,
                          extra={"kernel_id": record.kernel_id})
                 if await registry.reattach(record):  # taken over to be shut down; one found dead is cleaned up
+                    metrics.CULLS.inc()
                     await registry.shutdown(record.kernel_id)

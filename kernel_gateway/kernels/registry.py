@@ -26,6 +26,7 @@ from provisioners.envconfig import EnvConfigurable
 from provisioners.errors import LaunchError, LaunchTimeoutError, ProvisionerError
 from provisioners.kept import set_kept
 
+from .. import metrics
 from ..bridge import BridgeLimits, KernelBridge
 from ..errors import ConflictError, NotReadyError, UnknownKernelError, UnknownKernelSpecError
 from ..policy import GatewayPolicy
@@ -197,10 +198,11 @@ class KernelRegistry(EnvConfigurable):
         await self._connection_files.sweep()
         self._context = zmq.asyncio.Context()
         self._expiry = asyncio.create_task(self._expire_sessions())
-        set_kept(self.is_kept)
         if self.store is not None and self.store.shared:
             self.replicas = ReplicaView(self, self.replica_sync_interval)
             self.replicas.start()
+        # replicas launch kernels whose records come after: nothing younger than a launch is a leftover
+        set_kept(self.is_kept, self.policy.max_launch_timeout + 60 if self.replicas is not None else 0.0)
 
     async def _expire_sessions(self) -> None:
         while True:
@@ -431,16 +433,20 @@ class KernelRegistry(EnvConfigurable):
         kernel = ManagedKernel(kernel_id, name, user, self._manager(kernel_id, name))
         self._starting[kernel_id] = kernel
         started = time.monotonic()
+        provisioner = metrics.provisioner_name(spec)
         try:
             await self._launch(kernel, env, cwd if cwd and os.path.isdir(cwd) else None, timeout)
             await self._keep_record(kernel)
         except Exception as exc:
+            reason = "not_ready" if self._stopping else metrics.start_failure_reason(exc)
+            metrics.START_FAILURES.labels(provisioner, reason).inc()
             if self._stopping:
                 raise NotReadyError("the gateway shut down while the kernel was starting", kernel_id=kernel_id) from exc
             raise
         finally:
             del self._starting[kernel_id]
         self.kernels[kernel_id] = kernel
+        metrics.STARTS.labels(provisioner).inc()
         kernel.log.info("started kernel %s for user %r in %.2fs", name, user, time.monotonic() - started)
         return kernel
 
@@ -472,14 +478,17 @@ class KernelRegistry(EnvConfigurable):
 
     async def _launch(self, kernel: ManagedKernel, env: dict[str, str], cwd: str | None, timeout: float) -> None:
         # the provisioner enforces the timeout with its own diagnostics; ours is the backstop
-        deadline = time.monotonic() + timeout + LAUNCH_GRACE
+        started = time.monotonic()
+        deadline = started + timeout + LAUNCH_GRACE
         km = kernel.km
         # a kept kernel must not end with this process (jupyter_client's parent-death watch, a shared session)
         independent = self.on_stop == "keep"
         try:
             await asyncio.wait_for(km.start_kernel(kernel_id=kernel.kernel_id, env=env, cwd=cwd, independent=independent),
                                    timeout + LAUNCH_GRACE)
+            metrics.start_phase_ended(kernel, "launch", started)
             await self._open_bridge(kernel).wait_ready(max(deadline - time.monotonic(), 0.1), km.is_alive)
+            metrics.start_phase_ended(kernel, "ready", started)
         except (asyncio.TimeoutError, TimeoutError):
             await self._discard(kernel)
             raise LaunchTimeoutError(
@@ -545,6 +554,7 @@ class KernelRegistry(EnvConfigurable):
     def _on_auto_restart(self, kernel: ManagedKernel) -> None:
         """The restarter found the kernel dead and is about to start it again (it calls us first)."""
         kernel.log.warning("kernel died; restarting it automatically")
+        metrics.RESTARTS.labels(metrics.kernel_provisioner(kernel), "automatic").inc()
         kernel.execution_state = "restarting"
         if kernel.bridge:
             kernel.bridge.broadcast_status("restarting")
@@ -592,6 +602,7 @@ class KernelRegistry(EnvConfigurable):
             raise ConflictError(f"kernel {kernel_id} is already restarting or shutting down", kernel_id=kernel_id)
         async with kernel.lock:
             kernel.log.info("restarting")
+            metrics.RESTARTS.labels(metrics.kernel_provisioner(kernel), "requested").inc()
             # no synthetic 'restarting' status here: JupyterLab takes it for a crash; the kernel itself says
             # shutdown_reply and then starting/busy/idle, as clients expect from a requested restart
             kernel.execution_state = "restarting"
@@ -624,6 +635,7 @@ class KernelRegistry(EnvConfigurable):
                 return
             kernel.log.info("shutting down")
             del self.kernels[kernel_id]
+            metrics.SHUTDOWNS.labels(metrics.kernel_provisioner(kernel)).inc()
             try:
                 await kernel.km.shutdown_kernel(now=now)
             finally:

@@ -9,6 +9,7 @@ from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
+from .. import metrics
 from .crypto import RecordCipher, TamperedRecord
 from .record import KernelRecord
 
@@ -35,12 +36,13 @@ class KernelStore(ABC):
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kernel-store-{self.name}")
 
     async def _run(self, func: Callable[..., T], *args: Any) -> T:
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._thread, functools.partial(func, *args))
-        except StoreUnavailable:
-            raise
-        except Exception as exc:  # the engine's own errors (connection refused, disk full, locked file)
-            raise StoreUnavailable(f"kernel store ({self.describe()}): {type(exc).__name__}: {exc}") from None
+        with metrics.store_call(self.name, func.__name__):
+            try:
+                return await asyncio.get_running_loop().run_in_executor(self._thread, functools.partial(func, *args))
+            except StoreUnavailable:
+                raise
+            except Exception as exc:  # the engine's own errors (connection refused, disk full, locked file)
+                raise StoreUnavailable(f"kernel store ({self.describe()}): {type(exc).__name__}: {exc}") from None
 
     async def put(self, record: KernelRecord) -> None:
         """Write (or replace) ``record``; returns once the engine has it durably."""

@@ -4,13 +4,14 @@ from typing import Any
 
 from tornado import web
 
-from . import api, channels, health, kernels, kernelspecs, sessions
+from . import api, channels, health, kernels, kernelspecs, metrics, sessions
 from .base import NotFoundHandler
 
 #: Every route, in match order; the app prefixes each with its base URL.
 ROUTES = [
     *api.default_handlers,
     *health.default_handlers,
+    *metrics.default_handlers,
     *kernels.default_handlers,
     *channels.default_handlers,
     *kernelspecs.default_handlers,

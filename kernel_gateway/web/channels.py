@@ -12,6 +12,7 @@ from urllib.parse import urlparse
 from tornado import web, websocket
 from tornado.iostream import StreamClosedError
 
+from .. import metrics
 from ..bridge import V1_SUBPROTOCOL, FrameError, client_message_to_parts, to_legacy_frame, to_v1_frame
 from ..bridge.session import ChannelSession
 from ..bridge.frames import ws_header
@@ -114,6 +115,7 @@ class KernelChannelsHandler(GatewayHandlerMixin, websocket.WebSocketHandler):
         bridge = self.kernel.bridge
         self.session = bridge.session(session_id, retain=bool(client_session))
         notice = self.session.attach(self)
+        metrics.WEBSOCKETS_OPENED.labels(self._encoding).inc()
         self.log.info("client connected (%s protocol, %d buffered messages to replay)", self.protocol,
                       bridge.backlog.pending(self.session))
         if notice is not None:
@@ -205,6 +207,7 @@ class KernelChannelsHandler(GatewayHandlerMixin, websocket.WebSocketHandler):
         """Let this client go: it read too slowly (its session stays resumable if named, and will be told
         how many messages it lost, those on their way to this socket included)."""
         self.log.warning("closing a client that read too slowly: %s", reason)
+        metrics.SLOW_CLIENTS.inc()
         if self.session is not None and self._unsent_msgs:
             self.session.lose(self._unsent_msgs)
         self._unsent_msgs = 0

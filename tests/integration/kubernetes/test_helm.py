@@ -394,7 +394,11 @@ def test_replicas_share_pod_kernels_and_keep_them_across_an_upgrade(helm, api, n
         kernels = [s["kernel"]["id"] for s in sessions]
         assert set(kernels) <= kernel_pods()  # each replica's first start spared the other's kernels
         ws = KernelWebSocket(jupyter.ws_url, kernels[0], jupyter.headers, session_id=uuid.uuid4().hex)
-        ws.kernel_info(timeout=60)
+        try:
+            ws.kernel_info(timeout=60)
+        except TimeoutError:
+            logs = helm.kubectl("logs", "-n", namespace, "-l", selector, "--tail=300", "--prefix", check=False).stdout
+            raise AssertionError(f"no kernel_info_reply through jupyter_server\n{jupyter.log()[-5000:]}\n{logs}")
         assert ws.run("kept = 6 * 7; print(kept)", timeout=60).stdout.strip() == "42"
 
         started = time.monotonic()

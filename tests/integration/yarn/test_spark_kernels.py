@@ -217,7 +217,8 @@ def test_full_queue_is_refused_with_yarns_numbers(tmp_path, yarn_cluster, yarn, 
                                         "resource": {"memory": min(largest, am_limit - used), "vCores": 1},
                                         "am-container-spec": {"commands": {"command": "sleep 600"}}})
             holders.append(app_id)
-            used += wait_until(lambda a=app_id: yarn.app(a)["allocatedMB"], 60, what=f"{app_id} AM container")
+            # allocatedMB is -1 until the application is scheduled, then its containers' memory
+            used += wait_until(lambda a=app_id: max(yarn.app(a)["allocatedMB"], 0), 120, what=f"{app_id} AM container")
         gw = spark_gateway(tmp_path, yarn, proxy, instance, yarn_cluster.env, queue_wait=0.5)
         try:
             started = time.monotonic()
