@@ -120,10 +120,10 @@ class ReplicaView:
                 continue
             log.info("kernel %s: its keeper %s is gone; this replica keeps it now", record.kernel_id, keeper or "(none)",
                      extra={"kernel_id": record.kernel_id})
-            self.peers.pop(record.kernel_id, None)
             kernel = registry.kernels.get(record.kernel_id)
             if kernel is None and await registry.reattach(record):
                 kernel = registry.kernels[record.kernel_id]
+            self.peers.pop(record.kernel_id, None)  # only now: listed as a peer until it is held (or cleaned)
             if kernel is not None:
                 registry.make_keeper(kernel)
                 await registry.update_record(kernel)

@@ -13,7 +13,11 @@ _LISTENING = """
 import os, re
 inodes = set()
 for pid in PIDS:
-    for fd in os.listdir(f"/proc/{pid}/fd"):
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:  # a process that ended meanwhile, or not ours to read
+        continue
+    for fd in fds:
         try:
             match = re.match(r"socket:\\[(\\d+)\\]", os.readlink(f"/proc/{pid}/fd/{fd}"))
         except OSError:
