@@ -20,6 +20,7 @@ from tests.e2e.kernel_ws import KernelWebSocket, msg_parent_id
 from tests.services.client import KernelWS, call, start_kernel
 from tests.services.gateway import GatewayServer, free_port, start_gateway, wait_until
 from tests.services.haproxy import start_haproxy
+from tests.services.kernel_store import kernels, run
 from tests.services.postgres import start_postgres
 
 pytestmark = pytest.mark.cluster
@@ -75,16 +76,7 @@ def replicas(tmp_path, postgres):
 
 
 def kernel_ids(gw) -> set[str]:
-    status, body, _ = call(gw, "GET", "/api/kernels")
-    assert status == 200, body
-    return {k["id"] for k in body}
-
-
-def run(gw, kernel_id: str, code: str) -> str:
-    with KernelWS(gw, kernel_id) as ws:
-        out, msgs = ws.run(code)
-    assert not [m for m in msgs if m["msg_type"] == "error"], msgs
-    return out
+    return set(kernels(gw))
 
 
 def test_any_replica_serves_any_kernel(replicas):
