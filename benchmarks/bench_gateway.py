@@ -703,6 +703,26 @@ def f(v, nd=2):
     return str(v)
 
 
+def run_meta(args) -> dict:
+    """The ``meta`` block of a benchmark's results: when, where, the load at the start, and its arguments."""
+    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "python": sys.version.split()[0],
+            "platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_start": os.getloadavg(),
+            "args": json.loads(json.dumps(vars(args), default=str))}
+
+
+def guarded(results: dict, body) -> int:
+    """Run a benchmark's ``body()``; its exit status: 0, 130 when interrupted, 1 when it failed (the reason goes to
+    ``results["meta"]["error"]``, and the figures measured so far are still reported)."""
+    try:
+        body()
+        return 0
+    except (KeyboardInterrupt, Exception) as exc:
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        results["meta"]["error"] = "interrupted" if interrupted else f"{type(exc).__name__}: {exc}"
+        log(f"FAILED: {results['meta']['error']}")
+        return 130 if interrupted else 1
+
+
 def end_run(results: dict, report, json_path: Path | None) -> None:
     """Note the load at the end, print the report (``report()``), and write every figure as JSON when asked."""
     results["meta"]["loadavg_end"] = os.getloadavg()

@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import signal
 import statistics
 import sys
@@ -51,7 +50,7 @@ REPO = HERE.parent
 sys.path[:0] = [str(REPO), str(HERE)]
 
 import _procstat as ps  # noqa: E402
-from bench_gateway import end_run, log, pct, table  # noqa: E402
+from bench_gateway import end_run, guarded, log, pct, run_meta, table  # noqa: E402
 from bench_yarn import Bench, _sigterm, sequential_starts  # noqa: E402
 
 from tests.integration.kubernetes.test_kubernetes_kernels import k8s_gateway  # noqa: E402
@@ -294,18 +293,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["GATEWAY_KERNEL_LAUNCH_TIMEOUT"] = f"{max(args.start_timeout, args.spark_timeout):g}"
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _sigterm)  # a kill runs the same cleanup as Ctrl-C
-    meta = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "python": sys.version.split()[0],
-            "platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_start": os.getloadavg(),
-            "args": json.loads(json.dumps(vars(args), default=str))}
-    results: dict[str, Any] = {"meta": meta, "start": {}, "idle": [], "failed_starts": []}
-    status = 0
-    try:
+    results: dict[str, Any] = {"meta": run_meta(args), "start": {}, "idle": [], "failed_starts": []}
+
+    def body() -> None:
         with tempfile.TemporaryDirectory(prefix="bench-kubernetes-") as tmp:
             run(args, Path(tmp), results)
-    except (KeyboardInterrupt, Exception) as exc:  # the figures so far are still reported
-        status = 130 if isinstance(exc, KeyboardInterrupt) else 1
-        meta["error"] = "interrupted" if status == 130 else f"{type(exc).__name__}: {exc}"
-        log(f"FAILED: {meta['error']}")
+
+    status = guarded(results, body)
     end_run(results, lambda: report(results, args), args.json)
     return status
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import base64
 import os
-import platform
 import re
 import signal
 import statistics
@@ -52,7 +51,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path[:0] = [str(REPO), str(HERE)]
 
-from bench_gateway import end_run, log, table  # noqa: E402
+from bench_gateway import end_run, guarded, log, run_meta, table  # noqa: E402
 from bench_yarn import _sigterm  # noqa: E402  (SIGTERM raises KeyboardInterrupt: the same cleanup as Ctrl-C)
 
 from tests.api.helpers import pgrep_f  # noqa: E402
@@ -534,24 +533,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _sigterm)  # a kill runs the same cleanup as Ctrl-C
-    results: dict[str, Any] = {"meta": {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "python": sys.version.split()[0],
-        "platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_start": os.getloadavg(),
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}}
-    status = 0
+    results: dict[str, Any] = {"meta": run_meta(args)}
     tmp = Path(tempfile.mkdtemp(prefix="bench-store-"))
     cleanup = Cleanup()
-    try:
+
+    def body() -> None:
         for name in args.sections:
             {"restart": run_restart, "failover": run_failover, "writes": run_writes}[name](args, tmp, results, cleanup)
             cleanup.run()  # each section leaves nothing running for the next
-    except KeyboardInterrupt:
-        results["meta"]["error"] = "interrupted"
-        status = 130
-    except Exception as exc:
-        results["meta"]["error"] = f"{type(exc).__name__}: {exc}"
-        log(f"FAILED: {results['meta']['error']}")
-        status = 1
+
+    try:
+        status = guarded(results, body)
     finally:
         cleanup.run()
         leftovers = sweep(tmp)

@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import platform
 import re
 import signal
 import statistics
@@ -45,7 +43,7 @@ REPO = HERE.parent
 sys.path[:0] = [str(REPO), str(HERE)]
 
 import _procstat as ps  # noqa: E402
-from bench_gateway import end_run, log, table  # noqa: E402
+from bench_gateway import end_run, guarded, log, run_meta, table  # noqa: E402
 
 from launchers.yarn import AM_MAIN_CLASS, build_am_jar  # noqa: E402
 from tests.integration.yarn.test_yarn_kernels import write_spec  # noqa: E402
@@ -297,22 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         check_spark()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _sigterm)  # a kill runs the same cleanup as Ctrl-C
-    results: dict[str, Any] = {"meta": {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "python": sys.version.split()[0],
-        "platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_start": os.getloadavg(),
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}},
-        "start": {}, "idle": []}
-    status = 0
+    results: dict[str, Any] = {"meta": run_meta(args), "start": {}, "idle": []}
     with tempfile.TemporaryDirectory(prefix="bench-yarn-") as tmp:
-        try:
-            run(args, Path(tmp), results)
-        except KeyboardInterrupt:
-            results["meta"]["error"] = "interrupted"
-            status = 130
-        except Exception as exc:
-            results["meta"]["error"] = f"{type(exc).__name__}: {exc}"
-            log(f"FAILED: {results['meta']['error']}")
-            status = 1
+        status = guarded(results, lambda: run(args, Path(tmp), results))
     results["meta"].setdefault("cluster", {"nodes": []})
     end_run(results, lambda: report(results, args), args.json)
     return status

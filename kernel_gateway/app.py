@@ -27,7 +27,7 @@ from provisioners.handshake import ResponseListener
 
 from . import __version__
 from .connections import CHANNELS_WEIGHT, GatewayHTTPServer, default_max_connections, raise_descriptor_limit
-from .kernels import KernelCuller, KernelRegistry
+from .kernels import KernelCuller, KernelPools, KernelRegistry
 from .logs import configure_logging, log_request
 from .metrics import LoopLagMonitor
 from .policy import GatewayPolicy
@@ -269,7 +269,7 @@ class GatewayApp(EnvConfigurable, Application):
 
     @property
     def classes(self) -> list[type]:  # type: ignore[override]
-        return [GatewayApp, GatewayPolicy, KernelRegistry, KernelStoreOptions, KernelCuller, CompatKernelSpecManager,
+        return [GatewayApp, GatewayPolicy, KernelRegistry, KernelPools, KernelStoreOptions, KernelCuller, CompatKernelSpecManager,
                 ResponseListener, *_provisioner_classes()]
 
     def initialize(self, argv: list[str] | None = None) -> None:
@@ -304,7 +304,7 @@ class GatewayApp(EnvConfigurable, Application):
         self.culler = KernelCuller(parent=self, registry=self.registry)
         self.sessions = SessionStore(self.registry)
         store_options = KernelStoreOptions(parent=self)
-        for configurable in (self.policy, self.registry, self.culler, store_options):
+        for configurable in (self.policy, self.registry, self.registry.pools, self.culler, store_options):
             validate_all(configurable)
         self.registry.store = self._kernel_store(store_options)
         validate_kernelspecs(self.kernel_spec_manager, self.registry)

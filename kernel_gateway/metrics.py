@@ -214,6 +214,16 @@ def _kernel_families(registry: Any) -> Iterator[Metric]:
     yield kernels
     yield GaugeMetricFamily("kernel_gateway_websocket_connections", "Kernel websocket connections open now.",
                             value=connections)
+    sizes = GaugeMetricFamily("kernel_gateway_pool_size", "Warm kernels each pool keeps, by kernelspec.",
+                              labels=["kernelspec"])
+    warm = GaugeMetricFamily("kernel_gateway_pool_kernels", "Warm kernels in the pools now, by kernelspec and state "
+                             "(ready, warming).", labels=["kernelspec", "state"])
+    for pool in registry.pools.models():
+        sizes.add_metric([pool["kernelspec"]], pool["size"])
+        for state in ("ready", "warming"):
+            warm.add_metric([pool["kernelspec"], state], pool[state])
+    yield sizes
+    yield warm
 
 
 def _relay_families() -> Iterator[Metric]:

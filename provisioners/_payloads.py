@@ -13,6 +13,7 @@ import base64
 import hashlib
 import hmac
 import json
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,12 +26,13 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 __all__ = ["ACK_MAGIC", "MAGIC", "MAX_PAYLOAD", "Envelope", "LaunchInfo", "Rejected", "decode_eg", "open_envelope",
-           "parse_envelope"]
+           "parse_envelope", "seal_start_request"]
 
 MAGIC = b"KGL1"
 HKDF_INFO = b"kernel-gateway launcher v1"
 ACK_MAGIC = b"KGA1"
 ACK_INFO = b"kernel-gateway launcher v1 ack"
+START_INFO = b"kernel-gateway launcher v1 start"
 MAX_PAYLOAD = 64 * 1024
 _PORTS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
 _EG_KEYS = (*_PORTS, "ip", "key", "transport", "signature_scheme", "kernel_name")
@@ -47,6 +49,7 @@ class LaunchInfo:
     pgid: int | None = None
     hostname: str = ""
     legacy: bool = False
+    warm: bool = False  # a warm launcher's report: no kernel yet, ``connection_info`` holds only its ``ip``
 
 
 class Rejected(Exception):
@@ -103,9 +106,21 @@ def open_envelope(envelope: Envelope, private: X25519PrivateKey) -> tuple[Launch
         raise Rejected("wrong shape", f"payload for kernel {kernel_id} has the wrong version or kernel id")
     if not isinstance(plain.get("launch_token"), str):
         raise Rejected("wrong shape", f"payload for kernel {kernel_id} has no launch token")
-    info = _launch_info(kernel_id, plain, plain.get("connection_info"), plain.get("control_port"))
+    if plain.get("warm") is True:
+        info = _warm_info(kernel_id, plain)
+    else:
+        info = _launch_info(kernel_id, plain, plain.get("connection_info"), plain.get("control_port"))
     ack_key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=ACK_INFO).derive(shared)
     return info, plain["launch_token"], ACK_MAGIC + hmac.new(ack_key, envelope.message, hashlib.sha256).digest()
+
+
+def seal_start_request(control_key: bytes, plain: dict[str, Any]) -> dict[str, str]:
+    """A warm launcher's start request body: ``plain`` (launch token and environment) sealed with AES-256-GCM under
+    a key derived from the launcher's control key, so the client's environment never crosses the network readable."""
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=START_INFO).derive(control_key)
+    nonce = secrets.token_bytes(12)
+    ciphertext = AESGCM(key).encrypt(nonce, json.dumps(plain).encode(), b"start")
+    return {"nonce": base64.b64encode(nonce).decode(), "ciphertext": base64.b64encode(ciphertext).decode()}
 
 
 def decode_eg(data: bytes, private: rsa.RSAPrivateKey, peer: str) -> tuple[str, LaunchInfo]:
@@ -134,22 +149,25 @@ def _is_port(value: Any) -> bool:
     return type(value) is int and 0 < value < 65536
 
 
-def _launch_info(kernel_id: str, plain: dict[str, Any], connection: Any, control_port: Any) -> LaunchInfo:
-    """The report as a :class:`LaunchInfo`, or :class:`Rejected` naming the first field of the wrong shape."""
+def _warm_info(kernel_id: str, plain: dict[str, Any]) -> LaunchInfo:
+    """A warm launcher's report (its control port, key and address) as a :class:`LaunchInfo`, or :class:`Rejected`."""
+    ip = plain.get("ip")
+    if not isinstance(ip, str) or not ip or not _is_port(plain.get("control_port")) or not plain.get("control_key"):
+        raise Rejected("wrong shape", f"warm payload for kernel {kernel_id}: needs ip, control_port and control_key")
+    info = _launch_info(kernel_id, plain, None, plain["control_port"], warm=True)
+    info.connection_info, info.warm = {"ip": ip}, True
+    return info
+
+
+def _launch_info(kernel_id: str, plain: dict[str, Any], connection: Any, control_port: Any,
+                 warm: bool = False) -> LaunchInfo:
+    """The report as a :class:`LaunchInfo`, or :class:`Rejected` naming the first field of the wrong shape.
+    A ``warm`` report has no connection info."""
     def wrong(what: str) -> Rejected:
         return Rejected("wrong shape", f"payload for kernel {kernel_id}: {what}")
 
-    if not isinstance(connection, dict):
-        raise wrong("connection_info is not an object")
-    for name in _PORTS:
-        if not _is_port(connection.get(name)):
-            raise wrong(f"{name} is not a port number")
-    for name in ("ip", "key"):
-        if not isinstance(connection.get(name), str) or not connection[name]:
-            raise wrong(f"{name} is not a non-empty string")
-    for name in ("transport", "signature_scheme", "kernel_name"):
-        if not isinstance(connection.get(name, ""), str):
-            raise wrong(f"{name} is not a string")
+    if not warm:
+        _check_connection(connection, wrong)
     if control_port is not None and not _is_port(control_port):
         raise wrong("the launcher's control port is not a port number")
     for name in ("pid", "pgid"):
@@ -163,5 +181,19 @@ def _launch_info(kernel_id: str, plain: dict[str, Any], connection: Any, control
         key = base64.b64decode(control_key, validate=True) if control_key is not None else None
     except (ValueError, TypeError):
         raise wrong("control_key is not base64") from None
-    return LaunchInfo(connection_info=dict(connection), control_port=control_port, control_key=key or None,
+    return LaunchInfo(connection_info=dict(connection or {}), control_port=control_port, control_key=key or None,
                       pid=plain.get("pid"), pgid=plain.get("pgid"), hostname=hostname)
+
+
+def _check_connection(connection: Any, wrong: Any) -> None:
+    if not isinstance(connection, dict):
+        raise wrong("connection_info is not an object")
+    for name in _PORTS:
+        if not _is_port(connection.get(name)):
+            raise wrong(f"{name} is not a port number")
+    for name in ("ip", "key"):
+        if not isinstance(connection.get(name), str) or not connection[name]:
+            raise wrong(f"{name} is not a non-empty string")
+    for name in ("transport", "signature_scheme", "kernel_name"):
+        if not isinstance(connection.get(name, ""), str):
+            raise wrong(f"{name} is not a string")

@@ -53,6 +53,9 @@ class ContainerRequest:
 class ContainerProvisioner(RemoteProvisioner):
     """Base of the provisioners whose kernels run in containers."""
 
+    cold_start_envs = ("KERNEL_IMAGE", "KERNEL_CPUS", "KERNEL_MEMORY", "KERNEL_GPUS", "KERNEL_UID", "KERNEL_GID",
+                       "KERNEL_VOLUMES")
+
     image = Unicode(
         "",
         config=True,

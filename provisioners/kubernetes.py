@@ -51,6 +51,8 @@ def _failure_error(failure: PodFailure, client_image: bool, kernel_id: str) -> L
 class KubernetesProvisioner(ContainerProvisioner):
     """Each kernel is one pod (kernelspec argv: the image's bootstrap-kernel.sh, passed as the container's args)."""
 
+    cold_start_envs = (*ContainerProvisioner.cold_start_envs, "KERNEL_NAMESPACE")
+
     kubeconfig = Unicode(
         "", config=True,
         help="Kubeconfig file for the cluster's API; empty: the in-cluster service account when the gateway runs in a "

@@ -60,6 +60,8 @@ class SparkKubernetesProvisioner(KubernetesProvisioner):
     ``kubeconfig``.
     """
 
+    supports_warm = False  # spark-submit starts the launcher inside the driver: nothing to keep warm
+
     submit_timeout = Float(
         120.0, config=True,
         help="Seconds spark-submit may take to create the driver pod (it exits then); the launch timeout still "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import logging
 import os
 import subprocess
@@ -12,12 +13,13 @@ from typing import Any
 from jupyter_client.launcher import launch_kernel
 from jupyter_client.provisioning import LocalProvisioner
 
-from launchers import PYTHON_LAUNCHER
+from launchers import PYTHON_LAUNCHER, WARM_LOCAL_READY
 
 from ._blocking import run_blocking
 from .adopted_process import AdoptedProcess, process_identity
-from .envconfig import EnvConfigurable
+from .errors import LaunchError
 from .ports import KERNEL_PORT_COUNT, PortAllocator, PortRangeOption, default_port_range, parse_port_range
+from .warm import WarmStartable
 
 __all__ = ["PortRangeLocalProvisioner"]
 
@@ -26,13 +28,16 @@ _PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_por
 _SPARE_PORTS = 1
 
 
-class PortRangeLocalProvisioner(LocalProvisioner, EnvConfigurable):  # type: ignore[misc]
+class PortRangeLocalProvisioner(LocalProvisioner, WarmStartable):  # type: ignore[misc]
     """jupyter_client's local provisioner, with every kernel port drawn from ``port_range``.
 
     Ports are reserved in the process-wide :class:`PortAllocator` from ``pre_launch`` until the
     kernel is cleaned up for good; a restart keeps them, so clients reconnect to the same ports.
     An ipykernel spec is run through our launcher, which keeps the ports ipykernel picks for
     itself inside the range too. The kernel's output is logged line by line with its id.
+
+    Warm (pools): the launcher runs with ``--warm-local``, ipykernel imported and nothing bound, its stdin a pipe
+    only this gateway holds; ``launch_kernel`` writes it the kernel's argv, environment and working directory.
     """
 
     port_range = PortRangeOption(
@@ -44,6 +49,8 @@ class PortRangeLocalProvisioner(LocalProvisioner, EnvConfigurable):  # type: ign
 
     _held_ports: tuple[int, ...] = ()
     _output_task: asyncio.Task | None = None
+    _warm_process: subprocess.Popen | None = None
+    _warm_ready: asyncio.Event | None = None  # set when the warm process says it imported the kernel's modules
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -68,10 +75,15 @@ class PortRangeLocalProvisioner(LocalProvisioner, EnvConfigurable):  # type: ign
             self._run_through_launcher(str(port_range), self._held_ports[KERNEL_PORT_COUNT:])
         return await super().pre_launch(**kwargs)
 
+    @property
+    def supports_warm(self) -> bool:  # type: ignore[override]
+        """Only ipykernel specs start warm: our launcher runs them."""
+        return self.kernel_spec.argv[1:3] in (["-m", "ipykernel_launcher"], ["-m", "ipykernel"])
+
     def _run_through_launcher(self, port_range: str, spare: tuple[int, ...]) -> None:
         """Rewrite the standard ipykernel argv to start the kernel through our launcher's local mode."""
         argv = list(self.kernel_spec.argv)
-        if argv[1:3] not in (["-m", "ipykernel_launcher"], ["-m", "ipykernel"]):
+        if not self.supports_warm:
             return  # another kernel: its five connection ports are in range; what else it binds is its own
         rest = [arg for arg in argv[3:] if arg not in ("-f", "{connection_file}")]
         self.kernel_spec.argv = [argv[0], str(PYTHON_LAUNCHER), "--connection-file", "{connection_file}",
@@ -82,18 +94,70 @@ class PortRangeLocalProvisioner(LocalProvisioner, EnvConfigurable):  # type: ign
 
         Called by ``KernelManager``; does what ``LocalProvisioner.launch_kernel`` does, in the thread pool.
         """
-        kwargs.setdefault("stdout", subprocess.PIPE)
-        kwargs.setdefault("stderr", subprocess.STDOUT)
-        self.process = await run_blocking(launch_kernel, cmd, **self._scrub_kwargs(kwargs))
+        warm, self._warm_process = self._warm_process, None
+        if warm is not None and warm.poll() is None and cmd[1:2] == [str(PYTHON_LAUNCHER)]:
+            start = {"argv": cmd[2:], "env": kwargs.get("env") or {}, "cwd": kwargs.get("cwd")}
+            await run_blocking(_send_start, warm, json.dumps(start).encode() + b"\n")
+            self.process = warm
+        else:
+            if warm is not None:
+                await self._end(warm)
+            kwargs.setdefault("stdout", subprocess.PIPE)
+            kwargs.setdefault("stderr", subprocess.STDOUT)
+            self.process = await run_blocking(launch_kernel, cmd, **self._scrub_kwargs(kwargs))
+            self._follow_output()
         self.pid = self.process.pid
         try:
             self.pgid = os.getpgid(self.pid)
         except OSError:
             self.pgid = None
         self.cwd = kwargs.get("cwd") or os.getcwd()
-        if self.process.stdout is not None:
-            self._output_task = asyncio.ensure_future(self._log_output(self.process.stdout))
         return self.connection_info
+
+    async def warm_up(self, **kwargs: Any) -> None:
+        """Start the launcher with ``--warm-local``; ``launch_kernel`` hands it the kernel. ``kwargs``: ``independent``."""
+        # the interpreter a cold start runs (jupyter_client puts its own in place of a plain "python")
+        python = self.parent.format_kernel_cmd()[0] if self.parent is not None else self.kernel_spec.argv[0]
+        cmd = [python, str(PYTHON_LAUNCHER), "--warm-local"]
+        self.process = await run_blocking(launch_kernel, cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, env=os.environ.copy(),
+                                          independent=bool(kwargs.get("independent")))
+        self._warm_process, self.process = self.process, None
+        self._warm_ready = asyncio.Event()
+        self._follow_output(self._warm_process)
+        ready = asyncio.ensure_future(self._warm_ready.wait())
+        try:  # ready, or ended (its output closed): the pool's timeout bounds the wait
+            await asyncio.wait({ready, self._output_task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+        if not self._warm_ready.is_set():
+            status = self._warm_process.poll()
+            await self.discard_warm()
+            raise LaunchError(f"the warm kernel process ended (status {status}) before it was ready; "
+                              + await self.launch_diagnostics())
+
+    def warm_ended(self) -> bool:
+        return self._warm_process is None or self._warm_process.poll() is not None
+
+    async def discard_warm(self) -> None:
+        warm, self._warm_process = self._warm_process, None
+        if warm is not None:
+            await self._end(warm)
+        if self._output_task is not None:
+            self._output_task.cancel()
+            self._output_task = None
+
+    @staticmethod
+    async def _end(process: subprocess.Popen) -> None:
+        """Kill a warm process that is not handed out, and reap it."""
+        if process.poll() is None:
+            process.kill()
+        await run_blocking(process.wait)
+
+    def _follow_output(self, process: subprocess.Popen | None = None) -> None:
+        process = process or self.process
+        if process is not None and process.stdout is not None:
+            self._output_task = asyncio.ensure_future(self._log_output(process.stdout))
 
     async def _log_output(self, pipe: Any) -> None:
         log = logging.LoggerAdapter(logging.getLogger("kernel_gateway.kernel_output"), {"kernel_id": self.kernel_id})
@@ -101,6 +165,9 @@ class PortRangeLocalProvisioner(LocalProvisioner, EnvConfigurable):  # type: ign
         await asyncio.get_running_loop().connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
         while line := await reader.readline():
             text = line.decode(errors="replace").rstrip()
+            if self._warm_ready is not None and text.endswith(WARM_LOCAL_READY):
+                self._warm_ready.set()
+                continue
             self._last_output.append(text)
             log.info("%s", text)
 
@@ -111,6 +178,8 @@ class PortRangeLocalProvisioner(LocalProvisioner, EnvConfigurable):  # type: ign
     async def cleanup(self, restart: bool = False) -> None:
         """Release the ports unless the kernel is restarting. Called from ``KernelManager.cleanup_resources``."""
         await super().cleanup(restart=restart)
+        if self._warm_process is not None:  # a warm start that failed before its hand-out
+            await self.discard_warm()
         if self._output_task is not None:
             self._output_task.cancel()
             self._output_task = None
@@ -139,3 +208,10 @@ class PortRangeLocalProvisioner(LocalProvisioner, EnvConfigurable):  # type: ign
         self.ip = provisioner_info.get("ip")
         if self.pid:
             self.process = AdoptedProcess(self.pid, provisioner_info.get("process") or {})
+
+
+def _send_start(process: subprocess.Popen, line: bytes) -> None:
+    """Write a warm process its start line and close the pipe (blocking: the environment may exceed a pipe buffer)."""
+    assert process.stdin is not None
+    with process.stdin:
+        process.stdin.write(line)

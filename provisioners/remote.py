@@ -26,10 +26,11 @@ from typing import Any
 from jupyter_client.provisioning import KernelProvisionerBase
 from traitlets import Float, List, Unicode
 
-from .envconfig import EnvConfigurable
+from ._payloads import seal_start_request
 from .errors import BackendError, LaunchError, LaunchRequestError, LaunchTimeoutError
 from .handshake import LaunchInfo, ResponseListener
 from .ports import PortRangeOption
+from .warm import WarmStartable
 
 __all__ = ["RemoteProvisioner", "control_request", "impersonated_user", "is_user_name", "route_address"]
 
@@ -105,7 +106,7 @@ async def _exchange(host: str, port: int, data: bytes, reply: bool) -> bytes:
         writer.close()
 
 
-class RemoteProvisioner(KernelProvisionerBase, EnvConfigurable):  # type: ignore[misc]
+class RemoteProvisioner(KernelProvisionerBase, WarmStartable):  # type: ignore[misc]
     """Base of every provisioner whose kernel runs under a launcher on another host or in a container.
 
     The kernelspec's argv runs the launcher; these placeholders are substituted: ``{kernel_id}``,
@@ -149,6 +150,7 @@ class RemoteProvisioner(KernelProvisionerBase, EnvConfigurable):  # type: ignore
     ).tag(env="GATEWAY_KERNEL_CLASS_NAME")
 
     launch_info: LaunchInfo | None = None
+    warm_launch: LaunchInfo | None = None  # a warm launcher waiting for its start request (pools)
     launch_values: dict[str, str] = {}  # the placeholder values of the current launch
     _token: str | None = None
     _stop_requested = False  # the gateway asked this launch to end (shutdown, kill, terminate)
@@ -186,7 +188,7 @@ class RemoteProvisioner(KernelProvisionerBase, EnvConfigurable):  # type: ignore
     @property
     def has_process(self) -> bool:
         """True from the start of a launch, and after :meth:`load_provisioner_info` restored a running one."""
-        return self.launch_info is not None or self._token is not None
+        return self.launch_info is not None or self._token is not None or self.warm_launch is not None
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         """Start the listener, register the launch, substitute argv placeholders.
@@ -198,10 +200,13 @@ class RemoteProvisioner(KernelProvisionerBase, EnvConfigurable):  # type: ignore
         public_key = self.public_key_for_argv()  # before registering: fails when EG launchers are not accepted
         # only a launch that runs an EG launcher (handed the RSA key) may be completed by EG's tokenless payload
         self._token = self.listener.register(self.kernel_id, enterprise_gateway=self.runs_enterprise_gateway_launcher)
-        host = await self.advertised_host()
+        if self.warm_launch is not None:  # handed out: the waiting launcher knows where to report already
+            response_address = self.launch_values["response_address"]
+        else:
+            response_address = f"{await self.advertised_host()}:{self.listener.port}"
         values = {
             "kernel_id": self.kernel_id,
-            "response_address": f"{host}:{self.listener.port}",
+            "response_address": response_address,
             "public_key": public_key,
             "port_range": self.port_range or "0..0",
             "kernel_class_name": self.kernel_class_name,
@@ -225,16 +230,56 @@ class RemoteProvisioner(KernelProvisionerBase, EnvConfigurable):  # type: ignore
         """``{public_key}``: ours, or the RSA key when the spec runs an Enterprise Gateway launcher."""
         return self.listener.eg_public_key if self.runs_enterprise_gateway_launcher else self.listener.public_key
 
-    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> dict[str, Any]:
-        """Start the launcher and wait for its connection info; kill everything if that fails."""
+    def _launcher_env(self, env: dict[str, str]) -> dict[str, str]:
+        """What of the kernel's environment travels to the launcher."""
         # an allow-list: a host process's environment (tokens, credentials) never travels to kernel hosts
         forwarded = {*self.forward_envs, *(self.kernel_spec.env or {})}
-        env = {k: v for k, v in kwargs.get("env", {}).items() if k.startswith("KERNEL_") or k in forwarded}
+        env = {k: v for k, v in env.items() if k.startswith("KERNEL_") or k in forwarded}
         env.update(KERNEL_ID=self.kernel_id, KERNEL_LANGUAGE=self.kernel_spec.language or "")
-        timeout = _timeout(env.get("KERNEL_LAUNCH_TIMEOUT"), self.launch_timeout)
+        return env
+
+    async def warm_up(self, **kwargs: Any) -> None:
+        """Start the launcher warm: it reports its control port and waits; ``launch_kernel`` hands it the request.
+
+        The launcher gets the kernelspec's environment only (the request's comes at hand-out), on the backend
+        and host a cold start would pick for a request that asks for nothing in particular.
+        """
+        kwargs = await self.pre_launch(env={})
+        env = dict(self._launcher_env(kwargs["env"]), KERNEL_LAUNCHER_WARM="1")
         assert self._token is not None
         try:
-            await self.start_launcher(cmd, env, self._token)
+            await self.start_launcher(kwargs["cmd"], env, self._token)
+            info = await self._await_handshake(self.launch_timeout)
+            if not info.warm:
+                raise LaunchError(f"kernel {self.kernel_id}: the launcher started a kernel instead of waiting warm "
+                                  "(a launcher older than warm starts: update the kernel image or host)")
+        except BaseException:
+            self.listener.unregister(self.kernel_id)
+            await self.kill_launcher()
+            raise
+        self.warm_launch, self._token = info, None
+
+    def warm_ended(self) -> bool:
+        return self.warm_launch is None or self.launcher_exit_status() is not None
+
+    async def discard_warm(self) -> None:
+        await self.kill_launcher()
+        await self.cleanup()
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> dict[str, Any]:
+        """Start the launcher (or hand the warm one the request) and wait for its connection info; kill everything
+        if that fails."""
+        env = self._launcher_env(kwargs.get("env", {}))
+        timeout = _timeout(env.get("KERNEL_LAUNCH_TIMEOUT"), self.launch_timeout)
+        assert self._token is not None
+        warm, self.warm_launch = self.warm_launch, None
+        try:
+            if warm is not None:
+                sealed = seal_start_request(warm.control_key or b"", {"launch_token": self._token, "env": env})
+                await control_request(warm.connection_info["ip"], warm.control_port or 0, warm.control_key or b"",
+                                      {"start": sealed})
+            else:
+                await self.start_launcher(cmd, env, self._token)
             self.launch_info = await self._await_handshake(timeout)
         except BaseException:
             self.listener.unregister(self.kernel_id)
@@ -325,7 +370,7 @@ class RemoteProvisioner(KernelProvisionerBase, EnvConfigurable):  # type: ignore
 
     async def cleanup(self, restart: bool = False) -> None:
         self.listener.unregister(self.kernel_id)
-        self.launch_info = None
+        self.launch_info = self.warm_launch = None
         self._token = None
         self._stop_requested = False
 

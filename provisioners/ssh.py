@@ -160,6 +160,11 @@ HOSTS = _Hosts()
 class SSHProvisioner(RemoteProvisioner):
     """Starts each kernel's launcher on one of ``remote_hosts`` over SSH."""
 
+    @property
+    def cold_start_envs(self) -> tuple[str, ...]:  # type: ignore[override]
+        """Request variables a warm launcher cannot honour: its host or queue is chosen, and it runs as the gateway's user."""
+        return ("KERNEL_REMOTE_HOST",) + (("KERNEL_USERNAME",) if self.impersonate else ())
+
     remote_hosts = List(
         Unicode(),
         config=True,

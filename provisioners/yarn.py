@@ -89,6 +89,11 @@ def app_tag(prefix: str, value: str) -> str:
 class YarnProvisioner(RemoteProvisioner):
     """Starts each kernel's launcher as the ApplicationMaster of its own YARN application (native mode)."""
 
+    @property
+    def cold_start_envs(self) -> tuple[str, ...]:  # type: ignore[override]
+        """Request variables a warm launcher cannot honour: its host or queue is chosen, and it runs as the gateway's user."""
+        return ("KERNEL_QUEUE", "KERNEL_MEMORY", "KERNEL_CPUS", "KERNEL_PRIORITY") + (("KERNEL_USERNAME",) if self.impersonate else ())
+
     rm_urls = List(
         Unicode(), config=True,
         help="ResourceManager web addresses, e.g. http://rm1:8088,http://rm2:8088; with RM HA, all of them: the "

@@ -92,6 +92,8 @@ def spark_port_options(port_range: str, given: str, service: bool = False) -> li
 class YarnSparkProvisioner(YarnProvisioner):
     """Starts each kernel as the Python driver of a Spark application in YARN cluster mode (spark-submit)."""
 
+    supports_warm = False  # spark-submit starts the launcher inside the driver: nothing to keep warm
+
     submit_timeout = Float(
         120.0, config=True,
         help="Seconds spark-submit may take to submit the application (it exits once YARN accepted it); the "

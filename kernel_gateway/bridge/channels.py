@@ -144,6 +144,7 @@ class KernelBridge:
         shell = self.context.socket(zmq.DEALER)
         shell.setsockopt(zmq.LINGER, 0)
         shell.connect(zmq_address(self.connection_info, "shell"))
+        iopub_wait = 0.01
         try:
             while True:
                 parts = make_message_parts("kernel_info_request", {}, "gateway-ready")
@@ -158,10 +159,12 @@ class KernelBridge:
                     try:
                         await asyncio.wait_for(_reply_to(shell, msg_id), min(1.0, remaining))
                         # the reply came, so the kernel is up; if its iopub answer went out before our
-                        # subscription took, ask again soon rather than after a full second
-                        await asyncio.wait_for(asyncio.shield(iopub_seen), min(0.2, max(deadline - time.monotonic(), 0.01)))
+                        # subscription took, ask again soon (a warm kernel answers within milliseconds of binding,
+                        # so the first waits are short) rather than after a full second
+                        await asyncio.wait_for(asyncio.shield(iopub_seen), min(iopub_wait, max(deadline - time.monotonic(), 0.01)))
                         return
                     except asyncio.TimeoutError:
+                        iopub_wait = min(iopub_wait * 2, 0.2)
                         if time.monotonic() >= deadline:
                             raise TimeoutError from None
                         if not await alive():

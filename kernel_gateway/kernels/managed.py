@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -31,8 +32,12 @@ class ManagerLog(logging.LoggerAdapter):
         self.warning("kernel manager: %s", msg, *args, **kwargs)
 
 
+@functools.lru_cache(maxsize=8192)
 def iso_utc(stamp: float) -> str:
-    """Format like jupyter_server expects: ``%Y-%m-%dT%H:%M:%S.%fZ``."""
+    """Format like jupyter_server expects: ``%Y-%m-%dT%H:%M:%S.%fZ``.
+
+    Cached: ``GET /api/kernels`` formats every kernel's last activity, which for idle kernels does not change
+    (with 1,000 kernels the formatting was a third of the request's time)."""
     return datetime.fromtimestamp(stamp, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 

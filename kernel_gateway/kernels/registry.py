@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import resource
 import time
 import uuid
 from typing import Any
@@ -34,6 +35,8 @@ from ..store import KernelRecord, KernelStore, StoreUnavailable
 from ._connection_files import ConnectionFiles
 from .keeping import adopt, heartbeat, kernel_record
 from .managed import ManagedKernel, ManagerLog
+from .process_watch import ProcessExitRestarter
+from .pools import KernelPools
 from .replicas import ReplicaView, peer_model
 
 __all__ = ["KernelRegistry", "ManagedKernel"]
@@ -46,6 +49,17 @@ LAUNCH_GRACE = 5.0
 REATTACH_HEARTBEAT = 10.0
 #: Kernels re-attached at once at start-up (each takes a provisioner call and a heartbeat).
 REATTACH_CONCURRENCY = 16
+
+
+def zmq_socket_cap(context: zmq.Context) -> int:
+    """How many sockets the shared ZMQ context may hold: the open-file limit (every ZMQ socket takes a descriptor).
+
+    libzmq's default is 1,024 per context, beyond which ``socket()`` fails with EMFILE ("Too many open files")
+    whatever the open-file limit: each kernel holds two (our iopub subscription, jupyter_client's control socket)
+    and each websocket three more, so the default stopped a gateway at about 510 kernels."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    ceiling = context.get(zmq.SOCKET_LIMIT)
+    return max(1024, min(ceiling, soft) if soft != resource.RLIM_INFINITY else ceiling)
 
 
 async def _diagnostics(km: AsyncKernelManager) -> str:
@@ -177,11 +191,17 @@ class KernelRegistry(EnvConfigurable):
         self.replicas: ReplicaView | None = None
         self._unserved: set[str] = set()  # records kept though not served (their kernelspec is gone)
         self.restoring = False  # kept kernels not re-attached yet: an unknown id may be one of them
+        self.pools = KernelPools(self, parent=self)
 
     def is_kept(self, kernel_id: str) -> bool:
         """Whether the kernel is this gateway's (served, starting, or in the store): never a leftover to reap."""
         return (kernel_id in self.kernels or kernel_id in self._starting or kernel_id in self._unserved
-                or (self.replicas is not None and kernel_id in self.replicas.peers))
+                or self.pools.holds(kernel_id) or (self.replicas is not None and kernel_id in self.replicas.peers))
+
+    @property
+    def stopping(self) -> bool:
+        """Whether the gateway is shutting down (it starts no kernels)."""
+        return self._stopping
 
     @property
     def starting(self) -> dict[str, ManagedKernel]:
@@ -197,12 +217,14 @@ class KernelRegistry(EnvConfigurable):
         self._connection_files.open()
         await self._connection_files.sweep()
         self._context = zmq.asyncio.Context()
+        self._context.set(zmq.MAX_SOCKETS, zmq_socket_cap(self._context))
         self._expiry = asyncio.create_task(self._expire_sessions())
         if self.store is not None and self.store.shared:
             self.replicas = ReplicaView(self, self.replica_sync_interval)
             self.replicas.start()
         # replicas launch kernels whose records come after: nothing younger than a launch is a leftover
         set_kept(self.is_kept, self.policy.max_launch_timeout + 60 if self.replicas is not None else 0.0)
+        self.pools.start()
 
     async def _expire_sessions(self) -> None:
         while True:
@@ -216,6 +238,7 @@ class KernelRegistry(EnvConfigurable):
         self._stopping = True
         if self._expiry:
             self._expiry.cancel()
+        await self.pools.stop()
         if self.replicas is not None:
             self.replicas.stop()
         await asyncio.gather(*(self._discard(k) for k in list(self._starting.values())), return_exceptions=True)
@@ -330,7 +353,7 @@ class KernelRegistry(EnvConfigurable):
                              "(or remove the kernel by hand)", record.kernel_name)
             self._unserved.add(kid)
             return False
-        kernel = ManagedKernel(kid, name, record.user, self._manager(kid, name), created=record.created)
+        kernel = ManagedKernel(kid, name, record.user, self.manager(kid, name), created=record.created)
         reason = ""
         try:
             await adopt(kernel.km, record)
@@ -427,10 +450,13 @@ class KernelRegistry(EnvConfigurable):
         total, mine = self.count_for(user)
         self.policy.check_limits(total, user, mine)
         timeout = self.policy.launch_timeout_for(request_env)
-        kernel_id = str(uuid.uuid4())
+        warm = self.pools.take(name, self.policy.kernel_env(request_env, user, "", timeout))
+        if warm is None and self.policy.max_kernels and total + self.pools.count >= self.policy.max_kernels:
+            await self.pools.make_room()
+        kernel_id = warm.kernel_id if warm is not None else str(uuid.uuid4())
         env = self.policy.kernel_env(request_env, user, kernel_id, timeout)
         cwd = request_env.get("KERNEL_WORKING_DIR")
-        kernel = ManagedKernel(kernel_id, name, user, self._manager(kernel_id, name))
+        kernel = ManagedKernel(kernel_id, name, user, warm.km if warm is not None else self.manager(kernel_id, name))
         self._starting[kernel_id] = kernel
         started = time.monotonic()
         provisioner = metrics.provisioner_name(spec)
@@ -445,20 +471,32 @@ class KernelRegistry(EnvConfigurable):
             raise
         finally:
             del self._starting[kernel_id]
+            if warm is not None:
+                self.pools.refill()
         self.kernels[kernel_id] = kernel
         metrics.STARTS.labels(provisioner).inc()
-        kernel.log.info("started kernel %s for user %r in %.2fs", name, user, time.monotonic() - started)
+        kernel.log.info("started %skernel %s for user %r in %.3fs", "warm " if warm is not None else "", name, user,
+                        time.monotonic() - started)
         return kernel
 
-    def _manager(self, kernel_id: str, name: str) -> AsyncKernelManager:
-        return self.kernel_manager_class(
+    def manager(self, kernel_id: str, name: str) -> AsyncKernelManager:
+        """A kernel manager for kernel ``kernel_id`` of kernelspec ``name``, not started."""
+        cls = self.kernel_manager_class
+        extra: dict[str, Any] = {}
+        if issubclass(cls, AsyncIOLoopKernelManager) and not any(
+                "restarter_class" in self.config.get(c.__name__, {}) for c in cls.mro()):
+            # woken by the process's exit, not a 3 s timer per kernel (remote kernels are still polled)
+            extra["restarter_class"] = ProcessExitRestarter
+        return cls(
             parent=self,
+            kernel_id=kernel_id,
             kernel_name=name,
             kernel_spec_manager=self.kernel_spec_manager,
             connection_file=self._connection_files.path_for(kernel_id),
             shutdown_wait_time=self.shutdown_timeout,
             context=self._context,  # one ZMQ context (and I/O thread) for all kernels, not one each
             log=ManagerLog(log, {"kernel_id": kernel_id}),
+            **extra,
         )
 
     def _open_bridge(self, kernel: ManagedKernel) -> KernelBridge:
@@ -484,7 +522,7 @@ class KernelRegistry(EnvConfigurable):
         # a kept kernel must not end with this process (jupyter_client's parent-death watch, a shared session)
         independent = self.on_stop == "keep"
         try:
-            await asyncio.wait_for(km.start_kernel(kernel_id=kernel.kernel_id, env=env, cwd=cwd, independent=independent),
+            await asyncio.wait_for(km.start_kernel(env=env, cwd=cwd, independent=independent),
                                    timeout + LAUNCH_GRACE)
             metrics.start_phase_ended(kernel, "launch", started)
             await self._open_bridge(kernel).wait_ready(max(deadline - time.monotonic(), 0.1), km.is_alive)

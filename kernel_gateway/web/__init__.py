@@ -4,7 +4,7 @@ from typing import Any
 
 from tornado import web
 
-from . import api, channels, health, kernels, kernelspecs, metrics, sessions
+from . import api, channels, dashboard, health, kernels, kernelspecs, metrics, sessions
 from .base import NotFoundHandler
 
 #: Every route, in match order; the app prefixes each with its base URL.
@@ -16,6 +16,7 @@ ROUTES = [
     *channels.default_handlers,
     *kernelspecs.default_handlers,
     *sessions.default_handlers,
+    *dashboard.default_handlers,
 ]
 
 __all__ = ["NotFoundHandler", "ROUTES", "make_application"]

@@ -17,6 +17,7 @@ from provisioners.errors import CapacityError, LaunchRequestError, LaunchTimeout
 
 from .. import errors
 from ..logs import redact
+from . import browser_login
 
 __all__ = ["APIHandler", "GatewayHandlerMixin", "STATUS_FOR"]
 
@@ -51,6 +52,8 @@ class GatewayHandlerMixin:
 
     #: Routes anyone may call (version, health, the API document).
     public = False
+    #: A page a browser opens: the operator page's login cookie opens it without the XSRF header (browser_login).
+    login_page = False
 
     request: httputil.HTTPServerRequest
     settings: dict[str, Any]
@@ -68,6 +71,8 @@ class GatewayHandlerMixin:
         if not expected or self.public:
             return
         given = self.request_token()
+        if not given and browser_login.accepts(self.request, expected, page=self.login_page):
+            return
         if not given:
             raise errors.AuthenticationError("this gateway needs a token: send 'Authorization: token <token>'")
         if not hmac.compare_digest(given.encode(), expected.encode()):

@@ -37,9 +37,21 @@ latter case the launcher re-executes itself (same pid) without the variable and 
 stdin, so it is in no /proc/<pid>/environ. The launcher's own messages go to a copy of its original
 stderr (the backend's log), which ipykernel's capture of fds 1 and 2 does not reach.
 
+Warm start (pools, version 1): with ``--warm`` (or ``KERNEL_LAUNCHER_WARM=1``) the launcher binds only its
+control port, reports ``{"version": 1, "kernel_id", "launch_token", "warm": true, "ip", "control_port",
+"control_key", "pid", "pgid", "hostname"}`` (no connection info) the same way, imports the kernel's modules
+and waits. The gateway hands the kernel out with one control request ``{"start": {"nonce": b64,
+"ciphertext": b64}}``, AES-256-GCM under HKDF-SHA256(control_key, info=b"kernel-gateway launcher v1 start")
+with aad ``b"start"``, of JSON ``{"launch_token", "env": {...}, "cwd"}``: the launcher applies the
+environment and working directory, binds the kernel's ports, starts the kernel and reports its connection
+info with that launch token as above. Only the first start request is honoured.
+
 With ``--connection-file`` it is instead a local kernel runner: the gateway wrote the file with
 ports from its range, and the launcher only keeps the ports ipykernel picks for itself (the iopub
-pipe) inside the range, using ``--spare-ports`` first. No handshake, no control port.
+pipe) inside the range, using ``--spare-ports`` first. No handshake, no control port. With ``--warm-local``
+it imports the kernel's modules, says ``WARM_LOCAL_READY`` on stderr and waits for one JSON line on stdin, ``{"argv", "env", "cwd"}``, from the
+gateway, which holds the other end of the pipe: it applies the environment and working directory and runs
+as if started with ``argv``.
 
 Dependencies: the standard library, pyzmq, ipykernel and cryptography. Plain synchronous Python.
 """
@@ -65,6 +77,14 @@ MAGIC = b"KGL1"
 HKDF_INFO = b"kernel-gateway launcher v1"
 ACK_MAGIC = b"KGA1"
 ACK_INFO = b"kernel-gateway launcher v1 ack"
+START_INFO = b"kernel-gateway launcher v1 start"
+WARM_LOCAL_READY = "warm: modules imported, waiting for the start line on stdin"
+#: What a kernel start imports: a warm launcher imports it ahead, so a handed-out kernel starts in tens of ms.
+WARM_MODULES = ("ipykernel.kernelapp", "ipykernel.ipkernel", "ipykernel.zmqshell", "ipykernel.debugger",
+                "ipykernel.iostream", "ipykernel.heartbeat", "IPython.core.completerlib", "IPython.core.debugger",
+                "IPython.core.oinspect", "IPython.extensions.storemagic", "jupyter_client.session", "sqlite3", "pdb",
+                "psutil", "tornado.platform.asyncio", "cryptography.hazmat.primitives.ciphers.aead",
+                "cryptography.hazmat.primitives.kdf.hkdf", "cryptography.hazmat.primitives.asymmetric.x25519")
 RETRY_FIRST, RETRY_MAX = 0.1, 2.0  # seconds between report attempts: doubling from the first to the max, jittered
 ATTEMPT_TIMEOUT = 10.0  # seconds one report attempt may take (connect, send, ack)
 CONTROL_SKEW = 120  # seconds a control request stays valid
@@ -231,6 +251,52 @@ def encrypt_payload(payload: dict, kernel_id: str, gateway_key_b64: str) -> tupl
     return message, ACK_MAGIC + hmac.new(ack_key, message, hashlib.sha256).digest()
 
 
+def warm_imports() -> None:
+    """Import what starting the kernel imports, so that a warm launcher starts its kernel at once."""
+    import importlib
+
+    for name in WARM_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass  # optional for the kernel too (psutil, debugpy): it starts without them
+
+
+def start_key(control_key: bytes) -> bytes:
+    """The key that seals a warm launcher's start request (it carries the client's environment)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=START_INFO).derive(control_key)
+
+
+def open_start_request(control_key: bytes, sealed: dict) -> dict:
+    """The plaintext of a start request: ``{"launch_token", "env", "cwd"}``; ValueError if it is not one."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    plain = json.loads(AESGCM(start_key(control_key)).decrypt(
+        base64.b64decode(sealed["nonce"]), base64.b64decode(sealed["ciphertext"]), b"start"))
+    if not isinstance(plain, dict) or not isinstance(plain.get("launch_token"), str) \
+            or not isinstance(plain.get("env", {}), dict):
+        raise ValueError("start request of the wrong shape")
+    return plain
+
+
+def apply_start(env: dict, cwd: str | None, replace: bool = False) -> None:
+    """Give this process the kernel's environment (all of it when ``replace``, keeping jupyter_client's JPY_*
+    variables) and working directory, as a cold start would have had them."""
+    if replace:
+        kept = {k: v for k, v in os.environ.items() if k.startswith("JPY_")}
+        os.environ.clear()
+        os.environ.update(kept)
+    os.environ.update({str(k): str(v) for k, v in env.items()})
+    if cwd:
+        try:
+            os.chdir(cwd)
+        except OSError as exc:
+            log(f"cannot change to the working directory {cwd!r}: {exc}; staying in {os.getcwd()}")
+
+
 def control_mac(key: bytes, nonce: str, stamp: int, request: dict) -> str:
     body = f"{nonce}{stamp}".encode() + json.dumps(request, sort_keys=True, separators=(",", ":")).encode()
     return hmac.new(key, body, hashlib.sha256).hexdigest()
@@ -254,6 +320,8 @@ class ControlServer(threading.Thread):
         self.slots = threading.BoundedSemaphore(max_connections)
         self.seen: dict[str, float] = {}
         self.seen_lock = threading.Lock()  # connections are served concurrently
+        self.start_request: dict | None = None  # a warm launcher's start request, once it came
+        self.started = threading.Event()
 
     def start(self) -> None:
         self.sock.listen(64)  # before returning: a client may connect as soon as start() returns
@@ -334,6 +402,14 @@ class ControlServer(threading.Thread):
         if request.get("shutdown"):
             log("shutdown requested through the control port")
             return {"ok": True}, int(signal.SIGTERM)
+        if "start" in request:
+            start = open_start_request(self.key, request["start"])
+            with self.seen_lock:
+                if self.started.is_set():
+                    return {"ok": False, "error": "the kernel was started already"}, 0
+                self.start_request = start
+                self.started.set()
+            return {"ok": True}, 0
         return {"ok": False, "error": "unknown request"}, 0
 
 
@@ -366,8 +442,11 @@ def send_connection_info(address: str, payload: dict, kernel_id: str, public_key
 def report_once(target: tuple[str, int], payload: dict, kernel_id: str, public_key: str, timeout: float) -> None:
     """One attempt: connect, send the encrypted report, verify the gateway's ack; OSError if any step fails."""
     with socket.create_connection(target, timeout=timeout) as conn:
-        info = payload["connection_info"]
-        if info["ip"] in ("0.0.0.0", "::", ""):  # the address the gateway can reach us on
+        info = payload.get("connection_info")
+        if info is None:  # a warm report: only the control port's address
+            if payload["ip"] in ("0.0.0.0", "::", ""):
+                payload = dict(payload, ip=conn.getsockname()[0])
+        elif info["ip"] in ("0.0.0.0", "::", ""):  # the address the gateway can reach us on
             payload = dict(payload, connection_info=dict(info, ip=conn.getsockname()[0]))
         message, ack = encrypt_payload(payload, kernel_id, public_key)
         conn.sendall(message)
@@ -378,6 +457,15 @@ def report_once(target: tuple[str, int], payload: dict, kernel_id: str, public_k
         raise ConnectionError("the gateway closed the connection without an acknowledgement")
     if not hmac.compare_digest(reply, ack):
         raise ConnectionError("the acknowledgement did not verify (not from the gateway that holds the key)")
+
+
+def report(args: argparse.Namespace, payload: dict) -> None:
+    """Report ``payload`` until the gateway acknowledges it; exit with status 3 if it never does."""
+    try:
+        send_connection_info(args.response_address, payload, args.kernel_id, args.public_key, args.connect_timeout)
+    except OSError as exc:
+        log(f"cannot report to the gateway at {args.response_address}: {exc}; exiting with status 3")
+        os._exit(3)
 
 
 #: Ports of the range promised to a socket that binds later (the heartbeat's): random binds skip them.
@@ -437,6 +525,28 @@ def run_local(args: argparse.Namespace, kernel_args: list[str]) -> None:
     app.start()
 
 
+def run_warm_local() -> None:
+    """``--warm-local``: import ahead, then run as the gateway's start line on stdin says."""
+    warm_imports()
+    log(WARM_LOCAL_READY)  # the gateway reads the kernel's output: this line tells it the kernel is warm
+    line = sys.stdin.readline()
+    if not line.strip():
+        raise SystemExit(0)  # the gateway let this warm kernel go without using it
+    request = json.loads(line)
+    apply_start(request.get("env") or {}, request.get("cwd"), replace=True)
+    main(list(request["argv"]))
+
+
+def wait_for_start(server: ControlServer, args: argparse.Namespace) -> str:
+    """A warm launcher's wait for the gateway's start request; returns the launch token of the real start."""
+    warm_imports()
+    server.started.wait()
+    start = server.start_request or {}
+    apply_start(start.get("env") or {}, start.get("cwd"))
+    log(f"kernel {args.kernel_id} handed out: starting it")
+    return start["launch_token"]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kernel-id", help="required unless --connection-file")
@@ -453,12 +563,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--launch-secret-file", default="", metavar="PATH",
                         help="with --launch-token-yarn-secret: read that secret from this Hadoop credentials file")
     parser.add_argument("--spark-session", action="store_true", help="create a SparkSession as `spark` before ready")
+    parser.add_argument("--warm", action="store_true",
+                        help="start warm: report, then wait for the gateway's start request (also KERNEL_LAUNCHER_WARM=1)")
+    parser.add_argument("--warm-local", action="store_true",
+                        help="import ahead, then run as the JSON line on stdin says (the gateway's local pools)")
     parser.add_argument("--connect-timeout", type=float, default=30.0,
                         help="seconds to keep reporting to the gateway until it acknowledges; then exit with status 3")
     args, kernel_args = parser.parse_known_args(argv)
     if kernel_args and not args.connection_file:
         parser.error(f"unrecognized arguments: {' '.join(kernel_args)}")
 
+    if args.warm_local:
+        run_warm_local()
+        return
     port_range = parse_range(args.port_range)
     confine_random_ports(port_range, [int(p) for p in args.spare_ports.split(",") if p.strip()])
     if args.connection_file:
@@ -473,10 +590,20 @@ def main(argv: list[str] | None = None) -> None:
         token = read_launch_token(args.launch_token_stdin, sys.argv[1:] if argv is None else argv)
     if not token:
         raise SystemExit("launcher: no launch token (KERNEL_LAUNCH_TOKEN or --launch-token-stdin)")
+    # read only now: a re-execution (token on stdin) needs it too, and YARN's secret sets it in the environment
+    args.warm = os.environ.pop("KERNEL_LAUNCHER_WARM", "") == "1" or args.warm
 
     control_sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     control_port = bind_in_range(control_sock, args.ip, port_range)
     control_key = secrets.token_bytes(32)
+    control = ControlServer(control_sock, control_key)
+    if args.warm:
+        control.start()
+        report(args, {"version": 1, "kernel_id": args.kernel_id, "launch_token": token, "warm": True, "ip": args.ip,
+                      "control_port": control_port, "control_key": base64.b64encode(control_key).decode(),
+                      "pid": os.getpid(), "pgid": os.getpgid(0), "hostname": socket.gethostname()})
+        log(f"kernel {args.kernel_id} warm: control {control_port}, pid {os.getpid()}")
+        token = wait_for_start(control, args)
 
     from traitlets.config import Config
 
@@ -494,7 +621,8 @@ def main(argv: list[str] | None = None) -> None:
     app.initialize([])
     if args.spark_session:
         start_spark_session(app)
-    ControlServer(control_sock, control_key).start()  # serving before the gateway can learn its port
+    if not args.warm:
+        control.start()  # serving before the gateway can learn its port
 
     payload = {
         "version": 1,
@@ -518,11 +646,7 @@ def main(argv: list[str] | None = None) -> None:
         "pgid": os.getpgid(0),
         "hostname": socket.gethostname(),
     }
-    try:
-        send_connection_info(args.response_address, payload, args.kernel_id, args.public_key, args.connect_timeout)
-    except OSError as exc:
-        log(f"cannot report to the gateway at {args.response_address}: {exc}; exiting with status 3")
-        os._exit(3)
+    report(args, payload)
     log(f"kernel {args.kernel_id} ready: ports {app.shell_port},{app.iopub_port},{app.stdin_port},"
         f"{app.control_port},{app.hb_port}, control {control_port}, pid {os.getpid()}")
     app.start()

@@ -8,32 +8,13 @@ from __future__ import annotations
 
 import re
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from tests.api.helpers import IPYKERNEL_ARGV, assert_error, post_kernel, write_spec
 from tests.services.client import KernelWS, call, start_kernel
 from tests.services.gateway import wait_until
+from tests.services.scrape import samples, scrape, value
 
 USER = "metrics-user-7f3a"
 LOCAL = "local-port-range-provisioner"
-
-
-def scrape(gw, auth: bool = True) -> str:
-    status, body, headers = call(gw, "GET", "/metrics", auth=auth)
-    assert status == 200, body
-    assert headers["Content-Type"].startswith("text/plain; version=0.0.4"), headers
-    return body.decode()
-
-
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of a scrape: (name, sorted labels) -> value."""
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def value(found: dict, name: str, **labels: str) -> float:
-    """The sum of the samples of ``name`` whose labels include ``labels`` (0 when there is none)."""
-    return sum(v for (n, lbls), v in found.items() if n == name and set(labels.items()) <= set(lbls))
 
 
 def test_metrics_need_the_token_by_default(start_gw):

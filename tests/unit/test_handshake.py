@@ -262,6 +262,10 @@ MALFORMED = {
     "pid is a string": (lambda kid, token: _shape(kid, token, pid="42"), "pid is not a number"),
     "control key not base64": (lambda kid, token: _shape(kid, token, control_key="***"), "not base64"),
     "token is a number": (lambda kid, token: _shape(kid, token, launch_token=7), "no launch token"),
+    "warm without a control key": (lambda kid, token: _shape(kid, token, warm=True, ip="127.0.0.1", control_key=None),
+                                   "warm payload for kernel"),
+    "warm without an address": (lambda kid, token: _shape(kid, token, warm=True), "needs ip, control_port and control_key"),
+    "missing connection_info": (lambda kid, token: _shape(kid, token, connection_info=None), "not an object"),
 }
 
 

@@ -190,29 +190,41 @@ async def listener():
     await server.stop()
 
 
-def spawn(listener: ResponseListener, kernel_id: str, env: dict[str, str], *extra: str) -> subprocess.Popen:
-    argv = [sys.executable, str(LAUNCHER), "--kernel-id", kernel_id,
-            "--response-address", f"127.0.0.1:{listener.port}", "--public-key", listener.public_key,
-            "--ip", "127.0.0.1", *extra]
-    return subprocess.Popen(argv, env=dict(os.environ, **env), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+@pytest.fixture
+def spawn(listener: ResponseListener):
+    """``spawn(kernel_id, env, *extra)``: a launcher reporting to ``listener``; killed after the test if it still runs."""
+    started: list[subprocess.Popen] = []
 
+    def start(kernel_id: str, env: dict[str, str], *extra: str) -> subprocess.Popen:
+        argv = [sys.executable, str(LAUNCHER), "--kernel-id", kernel_id,
+                "--response-address", f"127.0.0.1:{listener.port}", "--public-key", listener.public_key,
+                "--ip", "127.0.0.1", *extra]
+        started.append(subprocess.Popen(argv, env=dict(os.environ, **env), stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        return started[-1]
 
-async def test_token_from_the_environment_is_gone_from_proc_and_messages_reach_stderr(listener):
-    kernel_id = str(uuid.uuid4())
-    token = listener.register(kernel_id)
-    proc = spawn(listener, kernel_id, {"KERNEL_LAUNCH_TOKEN": token})
-    try:
-        info = await asyncio.wait_for(listener.wait(kernel_id), 90)
-        assert info.pid == proc.pid, "the launcher re-executes itself in place: the pid the gateway knows stays"
-        for name in ("environ", "cmdline"):
-            assert token.encode() not in Path(f"/proc/{proc.pid}/{name}").read_bytes(), f"token in /proc/pid/{name}"
-        await control_request("127.0.0.1", info.control_port, info.control_key, {"shutdown": True}, timeout=10)
-        stderr = (await asyncio.to_thread(proc.communicate, timeout=60))[1].decode(errors="replace")
-    finally:
+    yield start
+    for proc in started:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def shut_down(proc: subprocess.Popen, port: int, key: bytes) -> str:
+    """Ask the launcher to shut down over its control port; return its stderr once it has ended."""
+    await control_request("127.0.0.1", port, key, {"shutdown": True}, timeout=10)
+    return (await asyncio.to_thread(proc.communicate, timeout=60))[1].decode(errors="replace")
+
+
+async def test_token_from_the_environment_is_gone_from_proc_and_messages_reach_stderr(listener, spawn):
+    kernel_id = str(uuid.uuid4())
+    token = listener.register(kernel_id)
+    proc = spawn(kernel_id, {"KERNEL_LAUNCH_TOKEN": token})
+    info = await asyncio.wait_for(listener.wait(kernel_id), 90)
+    assert info.pid == proc.pid, "the launcher re-executes itself in place: the pid the gateway knows stays"
+    for name in ("environ", "cmdline"):
+        assert token.encode() not in Path(f"/proc/{proc.pid}/{name}").read_bytes(), f"token in /proc/pid/{name}"
+    stderr = await shut_down(proc, info.control_port, info.control_key)
     # said after ipykernel took over sys.stderr and fd 2: it still reaches the launcher's own stderr
     assert "[launcher" in stderr and "shutdown requested through the control port" in stderr, stderr
     assert token not in stderr
@@ -238,3 +250,41 @@ async def test_launcher_that_cannot_report_says_why_on_stderr(listener):
     text = stderr.decode(errors="replace")
     assert proc.returncode == 3, text
     assert f"cannot report to the gateway at {argv_address}" in text, text
+
+
+# -- warm start (pools) --------------------------------------------------------------------------------
+
+def test_the_local_ready_line_is_the_one_the_gateway_waits_for():
+    from launchers import WARM_LOCAL_READY
+
+    assert launcher.WARM_LOCAL_READY == WARM_LOCAL_READY  # the script is copied into images: it cannot import it
+
+
+async def test_a_warm_launcher_reports_waits_and_starts_once_with_the_sealed_environment(listener, spawn):
+    from provisioners._payloads import seal_start_request
+
+    kernel_id = str(uuid.uuid4())
+    token = listener.register(kernel_id)
+    proc = spawn(kernel_id, {"KERNEL_LAUNCH_TOKEN": token, "KERNEL_LAUNCHER_WARM": "1"})
+    warm = await asyncio.wait_for(listener.wait(kernel_id), 90)
+    assert warm.warm and warm.pid == proc.pid and warm.connection_info == {"ip": "127.0.0.1"}
+    ip, port, key = "127.0.0.1", warm.control_port, warm.control_key
+    # sealed with another key: refused, and the launcher still waits
+    forged = seal_start_request(secrets.token_bytes(32), {"launch_token": "x", "env": {}})
+    with pytest.raises(BackendError, match="bad request: InvalidTag"):
+        await control_request(ip, port, key, {"start": forged})
+
+    second = listener.register(kernel_id)  # the hand-out: a new launch, reported with the new token
+    secret = f"teal-{uuid.uuid4().hex}"
+    await control_request(ip, port, key, {"start": seal_start_request(key, {"launch_token": second,
+                                                                             "env": {"KERNEL_COLOR": secret}})})
+    with pytest.raises(BackendError, match="the kernel was started already"):
+        await control_request(ip, port, key, {"start": seal_start_request(key, {"launch_token": second, "env": {}})})
+    info = await asyncio.wait_for(listener.wait(kernel_id), 90)
+    assert not info.warm and info.pid == proc.pid and info.control_port == port
+    assert info.connection_info["shell_port"] > 0
+    environ = Path(f"/proc/{proc.pid}/environ").read_bytes()
+    assert secret.encode() not in environ and b"KERNEL_LAUNCHER_WARM" in environ  # only the start-up environment
+    stderr = await shut_down(proc, port, key)
+    assert "warm: control" in stderr and "handed out: starting it" in stderr, stderr
+    assert secret not in stderr and token not in stderr

@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kernel_gateway import metrics
 from kernel_gateway.errors import LimitError, NotReadyError
+from kernel_gateway.kernels import KernelPools
 from provisioners.api_requests import count_request, requests_by_backend
 from provisioners.errors import BackendError, CapacityError, LaunchError, LaunchTimeoutError, PortRangeError
 
@@ -65,6 +66,9 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "operators" / "metrics.md"
 class _Registry:
     kernels: dict = {}
     starting: dict = {}
+
+    def __init__(self) -> None:
+        self.pools = KernelPools(self)  # no pools: their series are served anyway, empty
 
 
 def test_the_scrape_has_no_created_samples_and_counts_backend_requests():

@@ -96,12 +96,13 @@ def write_spec(root: Path, name: str, config: dict, argv: list[str] | None = Non
     (spec_dir / "kernel.json").write_text(json.dumps(spec))
 
 
-def yarn_gateway(tmp_path, yarn, proxy, instance, rm_urls=None, **config):
+def yarn_gateway(tmp_path, yarn, proxy, instance, rm_urls=None, only_yarn: dict | None = None, **config):
+    """A gateway with kernelspecs 'yarn', 'broken' and 'exits'; ``only_yarn``: options of the 'yarn' spec alone."""
     base = {"rm_urls": rm_urls or [proxy.url], "am_command": yarn.am_command, "memory": "384m", "max_memory": "4g",
             "port_range": PORTS, "instance_name": instance, "poll_interval": 0.5, "launch_timeout": 90,
             "allowed_queues": ["nosuchqueue"], "response_host": yarn.gateway_address}
     base.update(config)
-    write_spec(tmp_path / "data", "yarn", base)
+    write_spec(tmp_path / "data", "yarn", {**base, **(only_yarn or {})})
     write_spec(tmp_path / "data", "broken", {**base, "am_command": "/nonexistent/java-am"})
     write_spec(tmp_path / "data", "exits", base, argv=["/bin/sh", "-c", "echo launcher-boom >&2; exit 3"])
     return start_gateway(tmp_path=tmp_path, env={"JUPYTER_PATH": str(tmp_path / "data"),
