@@ -16,7 +16,6 @@ import uuid
 from typing import Any
 
 import zmq.asyncio
-from jupyter_client.ioloop import AsyncIOLoopKernelManager
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_core.paths import jupyter_runtime_dir
@@ -34,6 +33,7 @@ from ..store import KernelRecord, KernelStore, StoreUnavailable
 from ._connection_files import ConnectionFiles
 from .keeping import adopt, heartbeat, kernel_record
 from .managed import ManagedKernel, ManagerLog
+from .manager import GatewayKernelManager
 from .replicas import ReplicaView, peer_model
 
 __all__ = ["KernelRegistry", "ManagedKernel"]
@@ -63,10 +63,11 @@ class KernelRegistry(EnvConfigurable):
     """All kernels of this gateway, keyed by id."""
 
     kernel_manager_class = Type(
-        AsyncIOLoopKernelManager,
+        GatewayKernelManager,
         klass=AsyncKernelManager,
         config=True,
-        help="The jupyter_client kernel manager class used for every kernel.",
+        help="The jupyter_client kernel manager class used for every kernel; derive from "
+        "kernel_gateway.kernels.manager.GatewayKernelManager to keep remote kernels' transport encryption.",
     )
     default_kernel_name = Unicode(
         "python3",

@@ -262,6 +262,10 @@ MALFORMED = {
     "pid is a string": (lambda kid, token: _shape(kid, token, pid="42"), "pid is not a number"),
     "control key not base64": (lambda kid, token: _shape(kid, token, control_key="***"), "not base64"),
     "token is a number": (lambda kid, token: _shape(kid, token, launch_token=7), "no launch token"),
+    "curve key too short": (lambda kid, token: _shape(kid, token, info={"curve_publickey": "abc"}), "not a Z85 CurveZMQ"),
+    "curve secret key reported": (lambda kid, token: _shape(kid, token, info={"curve_publickey": "a" * 40,
+                                                                              "curve_secretkey": "b" * 40}),
+                                  "carries curve_secretkey"),
 }
 
 
