@@ -8,6 +8,9 @@ as a subprocess, optionally Jupyter Kernel Gateway 3.0 as a peer) and measures:
    gateway over websocket (legacy JSON and v1 binary) vs direct ZMQ;
 2. output flood: one cell emitting exactly N iopub stream messages: delivered count,
    final idle, time to idle;
+   both with and without CurveZMQ transport encryption of the kernel's channels
+   (``--encryption both``, the default: paths named ``...+curve`` run on a kernelspec
+   declaring ``supported_encryption: ["curve"]``, direct ones with jupyter_client's own);
 3. kernel start until the first kernel_info_reply (sequential, and C concurrently);
 4. gateway memory (VmRSS of the gateway process and, separately, its children)
    at idle and per running kernel.
@@ -125,13 +128,21 @@ class CpuMeter:
         return d
 
 
+#: Kernelspec of the encrypted paths: the same kernel, declaring CurveZMQ support.
+CURVE_SPEC = "python3-curve"
+CURVE = "+curve"  # suffix of the encrypted paths' names
+
+
 def setup_isolated_env(tmp: Path, kernel_python: str) -> dict:
-    """A private kernelspec ``python3`` (absolute interpreter) + runtime/config dirs for every path."""
-    kdir = tmp / "share" / "jupyter" / "kernels" / "python3"
-    kdir.mkdir(parents=True)
-    (kdir / "kernel.json").write_text(json.dumps({
-        "argv": [kernel_python, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "Python 3 (bench)", "language": "python"}))
+    """Private kernelspecs ``python3`` and ``python3-curve`` (absolute interpreter; the second declares CurveZMQ
+    support, so it is encrypted) + runtime/config dirs for every path."""
+    for name, metadata in (("python3", {}), (CURVE_SPEC, {"supported_encryption": ["curve"]})):
+        kdir = tmp / "share" / "jupyter" / "kernels" / name
+        kdir.mkdir(parents=True)
+        (kdir / "kernel.json").write_text(json.dumps({
+            "argv": [kernel_python, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": f"Python 3 (bench{', encrypted' if metadata else ''})", "language": "python",
+            "metadata": metadata}))
     env = {
         "JUPYTER_PATH": str(tmp / "share" / "jupyter"),
         "JUPYTER_DATA_DIR": str(tmp / "data"),
@@ -234,8 +245,8 @@ class Gateway:
                           request_timeout=timeout, allow_nonstandard_methods=True)
         return await self.http.fetch(req, raise_error=False)
 
-    async def create_kernel(self, timeout):
-        r = await self.fetch("POST", "/api/kernels", {"name": None}, timeout)
+    async def create_kernel(self, timeout, name=None):
+        r = await self.fetch("POST", "/api/kernels", {"name": name}, timeout)
         if r.code not in (200, 201):
             raise RuntimeError(f"POST /api/kernels -> {r.code} {r.body[:300]!r}")
         kid = json.loads(r.body)["id"]
@@ -294,10 +305,10 @@ async def ws_kernel_info(ws: KernelWebSocket, timeout: float, retry: float = 10.
                 raise TimeoutError("no kernel_info_reply") from None
 
 
-async def gw_start_once(gw: Gateway, args, keep=False, protocol=None):
+async def gw_start_once(gw: Gateway, args, keep=False, protocol=None, kernel_name=None):
     """POST /api/kernels, open the websocket, first kernel_info_reply.  Returns (record, kid, ws)."""
     t0 = perf()
-    kid = await gw.create_kernel(args.start_timeout)
+    kid = await gw.create_kernel(args.start_timeout, kernel_name)
     t1 = perf()
     ws = KernelWebSocket(protocol or args.start_protocol)
     await ws.connect(gw.ws_url, kid, gw.headers, timeout=args.start_timeout)
@@ -330,12 +341,14 @@ async def direct_kernel_info(kc, timeout, retry=10.0):
             raise TimeoutError("no kernel_info_reply (direct)")
 
 
-async def direct_start_once(args, keep=False):
-    """AsyncKernelManager.start_kernel, client channels, first kernel_info_reply."""
+async def direct_start_once(args, keep=False, curve=False):
+    """AsyncKernelManager.start_kernel, client channels, first kernel_info_reply. ``curve``: the encrypted spec,
+    with jupyter_client's own transport encryption."""
     from jupyter_client.manager import AsyncKernelManager
 
     t0 = perf()
-    km = AsyncKernelManager(kernel_name="python3")
+    km = (AsyncKernelManager(kernel_name=CURVE_SPEC, transport_encryption="required") if curve
+          else AsyncKernelManager(kernel_name="python3"))
     await km.start_kernel(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t1 = perf()
     kc = km.client()
@@ -515,30 +528,34 @@ def _result(t0, t_reply, t_idle, stdout, other, status):
 
 
 async def open_paths(targets, args):
-    """One kernel for the direct paths (zmq API + raw share it), one kernel per gateway protocol."""
+    """One kernel for the direct paths (zmq API + raw share it), one kernel per gateway protocol; each once per
+    encryption variant (``--encryption``)."""
     paths = []
     for name, t in targets.items():
-        if t["kind"] == "direct":
-            _, km, kc = await direct_start_once(args, keep=True)
-            paths.append(DirectPath("direct zmq", name, km, kc, raw=False))
-            if args.raw:
-                paths.append(DirectPath("direct zmq-raw", name, km, kc, raw=True))
-            t["_kernel"] = (km, kc)
-            continue
-        gw = t["_gw"]
-        for proto in args.protocols:
-            key = f"ws-{'json' if proto == 'legacy' else 'v1'}"
-            before = set(ps.descendants(gw.proc.pid))
-            try:
-                _, kid, ws = await gw_start_once(gw, args, keep=True, protocol=proto)
-            except Exception as e:  # e.g. v1 not offered by the server
-                t["res"].setdefault("errors", {})[key] = repr(e)
-                log(f"[{name}] {key}: {e!r}")
+        for curve in args.variants:
+            suffix = CURVE if curve else ""
+            if t["kind"] == "direct":
+                _, km, kc = await direct_start_once(args, keep=True, curve=curve)
+                paths.append(DirectPath(f"direct zmq{suffix}", name, km, kc, raw=False))
+                if args.raw:
+                    paths.append(DirectPath(f"direct zmq-raw{suffix}", name, km, kc, raw=True))
+                t.setdefault("_kernels", []).append((km, kc))
                 continue
-            kpids = sorted(set(ps.descendants(gw.proc.pid)) - before)
-            gw.remember_children()
-            t["res"].setdefault("client_tcp_nodelay", ws.nodelay())
-            paths.append(WsPath(f"{name} {key}", name, gw, kid, ws, kpids))
+            gw = t["_gw"]
+            for proto in args.protocols:
+                key = f"ws-{'json' if proto == 'legacy' else 'v1'}{suffix}"
+                before = set(ps.descendants(gw.proc.pid))
+                try:
+                    _, kid, ws = await gw_start_once(gw, args, keep=True, protocol=proto,
+                                                     kernel_name=CURVE_SPEC if curve else None)
+                except Exception as e:  # e.g. v1 not offered by the server
+                    t["res"].setdefault("errors", {})[key] = repr(e)
+                    log(f"[{name}] {key}: {e!r}")
+                    continue
+                kpids = sorted(set(ps.descendants(gw.proc.pid)) - before)
+                gw.remember_children()
+                t["res"].setdefault("client_tcp_nodelay", ws.nodelay())
+                paths.append(WsPath(f"{name} {key}", name, gw, kid, ws, kpids))
     return paths
 
 
@@ -549,8 +566,8 @@ async def close_paths(paths, targets):
         except Exception as e:
             log(f"  close {p.name}: {e!r}")
     for t in targets.values():
-        if "_kernel" in t:
-            await direct_stop(*t.pop("_kernel"))
+        for km, kc in t.pop("_kernels", []):
+            await direct_stop(km, kc)
 
 
 async def bench_round_trips(paths, args, results):
@@ -786,6 +803,8 @@ def report(results, args):
         print("  (x direct / x raw only against a baseline that delivered everything; "
               "'to idle' of an incomplete run = until the reply and iopub went quiet)")
 
+    encryption_report(targets, args)
+
     ds = direct.get("start", {})
     dc = direct.get("concurrent", {})
     rows = []
@@ -824,6 +843,39 @@ def report(results, args):
             print(f"\n!! {name}: {t['error']}")
         for k, e in (t.get("errors") or {}).items():
             print(f"\n!! {name} {k}: {e}")
+
+
+def _encrypted(targets, section):
+    """(path name, its figures, the same path's unencrypted figures) of every encrypted path in ``section``."""
+    for name, t in targets.items():
+        for key, r in t.get(section, {}).items():
+            if key.endswith(CURVE):
+                yield f"{name} {key}", r, t[section].get(key[: -len(CURVE)], {})
+
+
+def encryption_report(targets, args):
+    """Each encrypted path against the same path unencrypted and against direct ZMQ encrypted (the goal: a round
+    trip at most 1.25 x direct, a flood with nothing lost)."""
+    direct = targets.get("direct", {})
+    drt = direct.get("rt", {}).get("zmq" + CURVE, {})
+    drt_plain = direct.get("rt", {}).get("zmq", {})
+    rows = [[path, r.get("median_ms"), plain.get("median_ms"), ratio(r.get("median_ms"), plain.get("median_ms")),
+             ratio(r.get("median_ms"), drt.get("median_ms")), ratio(r.get("median_ms"), drt_plain.get("median_ms")),
+             r.get("p99_ms"), ratio(r.get("p99_ms"), drt.get("p99_ms")), r.get("errors")]
+            for path, r, plain in _encrypted(targets, "rt")]
+    if rows:
+        table("transport encryption: round trip (ms), encrypted vs the same path unencrypted, vs direct zmq encrypted "
+              "and vs direct zmq unencrypted",
+              ["path", "median", "unencrypted", "x unencrypted", "x direct+curve med", "x direct med", "p99",
+               "x direct+curve p99", "errors"], rows)
+    rows = [[path, f"{f(r.get('delivered'))}/{args.flood}",
+             max(args.flood - min(run["delivered"] for run in r["runs"]), 0) if r.get("runs") else None,
+             r.get("all_complete"), r.get("time_to_idle_s"), plain.get("time_to_idle_s"),
+             ratio(r.get("time_to_idle_s"), plain.get("time_to_idle_s"))]
+            for path, r, plain in _encrypted(targets, "flood")]
+    if rows:
+        table(f"transport encryption: flood of {args.flood} msgs, median of {args.flood_repeats} runs (s)",
+              ["path", "delivered", "lost (worst run)", "all runs ok", "to idle", "unencrypted", "x unencrypted"], rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -867,6 +919,8 @@ def parse_args(argv=None):
     ap.add_argument("--sections", default="start,rt,flood,concurrent",
                     help="subset of start,rt,flood,concurrent (concurrent includes memory)")
     ap.add_argument("--no-raw", dest="raw", action="store_false", help="skip the raw-ZMQ direct variant")
+    ap.add_argument("--encryption", default="both", choices=["off", "on", "both"],
+                    help="round trips and floods without CurveZMQ transport encryption, with it, or both")
     ap.add_argument("--block", type=int, default=25, help="round-trip iterations per path before switching")
     ap.add_argument("--timeout", type=float, default=30.0, help="per request")
     ap.add_argument("--flood-timeout", type=float, default=180.0)
@@ -884,6 +938,7 @@ def parse_args(argv=None):
         args.starts, args.concurrent = 1, 3
     args.protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
     args.sections = {s.strip() for s in args.sections.split(",") if s.strip()}
+    args.variants = {"off": [False], "on": [True], "both": [False, True]}[args.encryption]
     return args
 
 

@@ -21,6 +21,7 @@ from traitlets import Bool, CaselessStrEnum, Float, Integer, List, TraitError, T
 from traitlets.config import Application
 
 from provisioners.eg_compat import CompatKernelSpecManager, EnterpriseGatewaySpecError
+from provisioners.encryption import check_policy, transport_encryption_option
 from provisioners.envconfig import EnvConfigurable
 from provisioners.ports import PortRangeOption
 from provisioners.handshake import ResponseListener
@@ -51,6 +52,7 @@ aliases = {
     "default-kernel": "KernelRegistry.default_kernel_name",
     "config": "GatewayApp.config_file",
     "log-level": "GatewayApp.log_level",
+    "transport-encryption": "GatewayApp.transport_encryption",
 }
 flags = {
     "no-auth": (
@@ -123,6 +125,12 @@ class GatewayApp(EnvConfigurable, Application):
         help="Ports every kernel (local or remote), every launcher and the response listener may use, 'low..high'; "
         "a kernelspec's kernel_provisioner.config.port_range overrides it for that spec. Empty: any port.",
     ).tag(env="GATEWAY_PORT_RANGE")
+    transport_encryption = transport_encryption_option(
+        "CurveZMQ encryption of every kernel's ZMQ channels (local and remote): 'auto' encrypts kernels whose "
+        "kernelspec lists 'curve' in metadata.supported_encryption (ipykernel 7's and those `kernel-gateway specs "
+        "install` writes) and runs the others unencrypted, logged once per kernelspec; 'required' refuses to start "
+        "the others (400); 'disabled' never encrypts. A kernelspec's kernel_provisioner.config.transport_encryption "
+        "overrides it for that spec.")
     allow_unauthenticated_access = Bool(
         False,
         config=True,
@@ -253,6 +261,10 @@ class GatewayApp(EnvConfigurable, Application):
             raise TraitError(f"idle_connection_timeout must be more than 0 seconds, not {proposal['value']}")
         return proposal["value"]
 
+    @validate("transport_encryption")
+    def _curve_built_in(self, proposal: dict[str, Any]) -> str:
+        return check_policy(proposal["value"])
+
     @validate("max_connections")
     def _connections_within_limit(self, proposal: dict[str, Any]) -> int:
         value, hard = proposal["value"], resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -328,6 +340,7 @@ class GatewayApp(EnvConfigurable, Application):
             shared += [("PortRangeLocalProvisioner", "port_range", self.port_range),
                        ("RemoteProvisioner", "port_range", self.port_range),
                        ("ResponseListener", "response_port_range", self.port_range)]
+        shared.append(("TransportEncryption", "transport_encryption", self.transport_encryption))
         # what the policy lets into a kernel's environment may also travel to a remote kernel
         forwarded = [*self.policy.client_envs, *self.policy.inherited_envs]
         if forwarded:

@@ -1,11 +1,13 @@
 """Start-up checks: every option and every kernelspec is checked once, before the gateway listens.
 
 A mistake found here stops the gateway with one line naming the option or kernelspec, rather than
-failing the first request that meets it.
+failing the first request that meets it. This includes ``transport_encryption='required'`` without CurveZMQ in
+pyzmq (the option's own check); a kernelspec that 'required' will refuse is only warned about.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
@@ -18,6 +20,8 @@ from .kernels import KernelRegistry
 from .logs import CONTROL_CHARS, escape_controls
 
 __all__ = ["validate_all", "validate_kernelspecs"]
+
+log = logging.getLogger("kernel_gateway")
 
 
 def validate_all(configurable: Any) -> None:
@@ -61,6 +65,10 @@ def validate_kernelspecs(kernel_spec_manager: KernelSpecManager, registry: Kerne
             validate_all(instance)
         except TraitError as exc:
             raise TraitError(f"kernelspec {name!r} ({provisioner}): {exc}") from None
+        if getattr(instance, "transport_encryption", "") == "required" and not instance.kernel_supports_curve():
+            log.warning("kernelspec %r: transport_encryption is 'required' but the spec does not declare 'curve' in "
+                        "metadata.supported_encryption (or runs an Enterprise Gateway launcher): its starts will be "
+                        "refused (400)", name)
         config = (spec.metadata or {}).get("kernel_provisioner", {}).get("config", {})
         unknown = sorted(set(config) - set(instance.trait_names(config=True)))
         if unknown:  # traitlets would ignore a misspelt option without a word

@@ -9,6 +9,7 @@
 #   PORT_RANGE           'low..high', or '0..0'/empty for any     -> --port-range
 #   KERNEL_CLASS_NAME    default ipykernel.ipkernel.IPythonKernel -> --kernel-class-name
 #   KERNEL_LAUNCH_TOKEN  the per-kernel launch token; the launcher reads (and unsets) it itself
+#   TRANSPORT_ENCRYPTION 'curve': CurveZMQ-encrypt the kernel's channels   -> --curve
 #   KERNEL_GATEWAY_PYTHON  the interpreter to use; else the one `kernel-gateway image-bootstrap`
 #                        recorded in ./kernel-python beside this script; else python3 on PATH
 #
@@ -63,4 +64,5 @@ exec "$python" "$launcher" \
     --port-range "${PORT_RANGE:-}" \
     --kernel-class-name "${KERNEL_CLASS_NAME:-ipykernel.ipkernel.IPythonKernel}" \
     --ip 0.0.0.0 \
+    ${TRANSPORT_ENCRYPTION:+--curve} \
     "$@"

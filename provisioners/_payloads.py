@@ -197,3 +197,8 @@ def _check_connection(connection: Any, wrong: Any) -> None:
     for name in ("transport", "signature_scheme", "kernel_name"):
         if not isinstance(connection.get(name, ""), str):
             raise wrong(f"{name} is not a string")
+    curve = connection.get("curve_publickey")
+    if curve is not None and not (isinstance(curve, str) and len(curve) == 40):
+        raise wrong("curve_publickey is not a Z85 CurveZMQ public key (40 characters)")
+    if "curve_secretkey" in connection:  # the kernel's secret never leaves its launcher
+        raise wrong("it carries curve_secretkey; a launcher reports the public key only")

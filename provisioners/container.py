@@ -158,6 +158,8 @@ class ContainerProvisioner(RemoteProvisioner):
             KERNEL_CLASS_NAME=self.kernel_class_name,
             KERNEL_LAUNCH_TOKEN=token,
         )
+        if self.curve:  # for the image's entry point (bootstrap-kernel.sh); a spec's own command has --curve
+            container_env["TRANSPORT_ENCRYPTION"] = "curve"
         labels = {
             f"{LABEL}.kernel_id": self.kernel_id,
             f"{LABEL}.user": env.get("KERNEL_USERNAME", ""),

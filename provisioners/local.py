@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
+import hmac
 import json
 import logging
 import os
 import subprocess
 from typing import Any
 
+import zmq
 from jupyter_client.launcher import launch_kernel
 from jupyter_client.provisioning import LocalProvisioner
+from zmq.utils import z85
 
 from launchers import PYTHON_LAUNCHER, WARM_LOCAL_READY
 
 from ._blocking import run_blocking
 from .adopted_process import AdoptedProcess, process_identity
+from .encryption import TransportEncryption
 from .errors import LaunchError
 from .ports import KERNEL_PORT_COUNT, PortAllocator, PortRangeOption, default_port_range, parse_port_range
 from .warm import WarmStartable
@@ -28,7 +33,17 @@ _PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_por
 _SPARE_PORTS = 1
 
 
-class PortRangeLocalProvisioner(LocalProvisioner, WarmStartable):  # type: ignore[misc]
+def curve_pair(session_key: bytes) -> tuple[bytes, bytes]:
+    """A local kernel's CurveZMQ key pair (public, secret; Z85), derived from its HMAC session key.
+
+    The session key is the kernel's other secret, kept with it wherever its record goes (sealed); the pair adds
+    no secret of its own to store, and whoever restarts the kernel makes the same one.
+    """
+    secret = z85.encode(hmac.new(session_key, b"kernel-gateway curve secret key v1", hashlib.sha256).digest())
+    return zmq.curve_public(secret), secret
+
+
+class PortRangeLocalProvisioner(LocalProvisioner, WarmStartable, TransportEncryption):  # type: ignore[misc]
     """jupyter_client's local provisioner, with every kernel port drawn from ``port_range``.
 
     Ports are reserved in the process-wide :class:`PortAllocator` from ``pre_launch`` until the
@@ -38,6 +53,10 @@ class PortRangeLocalProvisioner(LocalProvisioner, WarmStartable):  # type: ignor
 
     Warm (pools): the launcher runs with ``--warm-local``, ipykernel imported and nothing bound, its stdin a pipe
     only this gateway holds; ``launch_kernel`` writes it the kernel's argv, environment and working directory.
+
+    Transport encryption (``transport_encryption``) is jupyter_client's own: the kernel's CurveZMQ key pair
+    goes into the connection file, which the kernel reads. The pair is derived from the kernel's session key
+    (:func:`curve_pair`), so every restart, by whichever gateway, keeps it.
     """
 
     port_range = PortRangeOption(
@@ -61,6 +80,7 @@ class PortRangeLocalProvisioner(LocalProvisioner, WarmStartable):  # type: ignor
 
         Called by ``KernelManager.pre_start_kernel`` before every (re)start; calls ``super()`` last.
         """
+        encrypt = self.encrypts()  # first: may refuse the request before anything is reserved
         # always our allocator: ports picked independently by concurrent starts (and by ipykernel for
         # its own pipe) collide under load, and a kernel that loses a port dies at start-up
         port_range = parse_port_range(self.port_range) or default_port_range()
@@ -73,6 +93,13 @@ class PortRangeLocalProvisioner(LocalProvisioner, WarmStartable):  # type: ignor
             for name, port in zip(_PORT_NAMES, self._held_ports):
                 setattr(km, name, port)
             self._run_through_launcher(str(port_range), self._held_ports[KERNEL_PORT_COUNT:])
+        if km is not None:
+            # jupyter_client provisions (and on restarts reuses) the pair the manager holds; ours derives it from
+            # the session key, so a gateway that took the kernel over from its record (which has no secret key)
+            # restarts it with the same pair, and every replica's sockets stay valid
+            km.curve_publickey, km.curve_secretkey = curve_pair(km.session.key) if encrypt else (None, None)
+        # the spec's support is checked above: jupyter_client's 'required' just provisions the keys
+        kwargs["transport_encryption"] = "required" if encrypt else "disabled"
         return await super().pre_launch(**kwargs)
 
     @property

@@ -27,6 +27,7 @@ from jupyter_client.provisioning import KernelProvisionerBase
 from traitlets import Float, List, Unicode
 
 from ._payloads import seal_start_request
+from .encryption import SERVER_KEY_ONLY, TransportEncryption
 from .errors import BackendError, LaunchError, LaunchRequestError, LaunchTimeoutError
 from .handshake import LaunchInfo, ResponseListener
 from .ports import PortRangeOption
@@ -106,11 +107,15 @@ async def _exchange(host: str, port: int, data: bytes, reply: bool) -> bytes:
         writer.close()
 
 
-class RemoteProvisioner(KernelProvisionerBase, WarmStartable):  # type: ignore[misc]
+class RemoteProvisioner(KernelProvisionerBase, WarmStartable, TransportEncryption):  # type: ignore[misc]
     """Base of every provisioner whose kernel runs under a launcher on another host or in a container.
 
     The kernelspec's argv runs the launcher; these placeholders are substituted: ``{kernel_id}``,
     ``{response_address}``, ``{public_key}``, ``{port_range}``, ``{kernel_class_name}``.
+
+    When the kernel is to be encrypted (``transport_encryption``) the launcher gets ``--curve`` (a container
+    started with its image's command gets ``TRANSPORT_ENCRYPTION=curve``): it makes the kernel's CurveZMQ key
+    pair and reports only the public key (``curve_publickey`` of the connection info).
     """
 
     port_range = PortRangeOption(
@@ -151,6 +156,7 @@ class RemoteProvisioner(KernelProvisionerBase, WarmStartable):  # type: ignore[m
 
     launch_info: LaunchInfo | None = None
     warm_launch: LaunchInfo | None = None  # a warm launcher waiting for its start request (pools)
+    curve = False  # the current launch asked the launcher for CurveZMQ encryption
     launch_values: dict[str, str] = {}  # the placeholder values of the current launch
     _token: str | None = None
     _stop_requested = False  # the gateway asked this launch to end (shutdown, kill, terminate)
@@ -195,6 +201,7 @@ class RemoteProvisioner(KernelProvisionerBase, WarmStartable):  # type: ignore[m
 
         Called by ``KernelManager.pre_start_kernel`` before every (re)start; calls ``super()`` last.
         """
+        self.curve = self.encrypts()  # before anything is registered: may refuse the request
         await self.listener.start()
         self.launch_info = None
         public_key = self.public_key_for_argv()  # before registering: fails when EG launchers are not accepted
@@ -213,6 +220,8 @@ class RemoteProvisioner(KernelProvisionerBase, WarmStartable):  # type: ignore[m
         }
         self.launch_values = values
         cmd = [_substitute(arg, values) for arg in self.kernel_spec.argv]
+        if self.curve:
+            cmd.append("--curve")
         kwargs.pop("extra_arguments", None)
         return await super().pre_launch(cmd=cmd, **kwargs)
 
@@ -220,6 +229,15 @@ class RemoteProvisioner(KernelProvisionerBase, WarmStartable):  # type: ignore[m
     def instance_label(self) -> str:
         """``instance_name``, or this host's name."""
         return self.instance_name or socket.gethostname()
+
+    def kernel_supports_curve(self) -> bool:
+        """The kernelspec declares CurveZMQ and runs our launcher (Enterprise Gateway's do not know ``--curve``)."""
+        return not self.runs_enterprise_gateway_launcher and super().kernel_supports_curve()
+
+    def manager_supports_curve(self) -> bool:
+        """The launcher reports only the kernel's public key: jupyter_client's own kernel manager cannot connect
+        with that alone (in a jupyter_server host such kernels run unencrypted); the gateway's can."""
+        return bool(getattr(self.parent, SERVER_KEY_ONLY, False))
 
     @property
     def runs_enterprise_gateway_launcher(self) -> bool:
@@ -281,6 +299,10 @@ class RemoteProvisioner(KernelProvisionerBase, WarmStartable):  # type: ignore[m
             else:
                 await self.start_launcher(cmd, env, self._token)
             self.launch_info = await self._await_handshake(timeout)
+            if self.curve and not self.launch_info.connection_info.get("curve_publickey"):
+                raise LaunchError(f"kernel {self.kernel_id}: transport encryption was asked for but the launcher "
+                                  "reported no CurveZMQ key (is its launch_ipykernel.py older than the gateway?)",
+                                  kernel_id=self.kernel_id)
         except BaseException:
             self.listener.unregister(self.kernel_id)
             await self.kill_launcher()

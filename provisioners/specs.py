@@ -93,7 +93,9 @@ class _InstallApp(Application):
             "display_name": self.display_name or self.spec_name,
             "language": "python",
             "interrupt_mode": "message",
-            "metadata": {"kernel_provisioner": {"provisioner_name": self.provisioner_name, "config": config}},
+            # our launcher applies CurveZMQ when asked (--curve): transport_encryption 'auto' encrypts these kernels
+            "metadata": {"kernel_provisioner": {"provisioner_name": self.provisioner_name, "config": config},
+                         "supported_encryption": ["curve"]},
         }
         env = self.spec_env()
         if env:

@@ -21,7 +21,7 @@ import zmq.asyncio
 from .. import metrics
 from .backlog import Backlog, BridgeLimits
 from .frames import DELIMITER, FrameError, KernelMessage, Signer, kernel_message_from_zmq, make_message_parts
-from .session import ChannelSession, gateway_message, read_batches, zmq_address
+from .session import ChannelSession, connect_to_kernel, gateway_message, read_batches
 
 __all__ = ["BridgeLimits", "KernelBridge", "UNTRACKED_PARENTS"]
 
@@ -83,7 +83,7 @@ class KernelBridge:
         sock.setsockopt(zmq.SUBSCRIBE, b"")
         sock.setsockopt(zmq.RCVHWM, 0)  # never drop output: back-pressure waits, it does not discard
         sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(zmq_address(self.connection_info, "iopub"))
+        connect_to_kernel(sock, self.connection_info, "iopub")
         self._iopub = sock
         self._iopub_task = asyncio.create_task(self._read_iopub(sock))
 
@@ -143,7 +143,7 @@ class KernelBridge:
         deadline = time.monotonic() + timeout
         shell = self.context.socket(zmq.DEALER)
         shell.setsockopt(zmq.LINGER, 0)
-        shell.connect(zmq_address(self.connection_info, "shell"))
+        connect_to_kernel(shell, self.connection_info, "shell")
         iopub_wait = 0.01
         try:
             while True:
@@ -221,7 +221,7 @@ class KernelBridge:
 
     def retarget(self, connection_info: dict[str, Any]) -> None:
         """Point every socket at new connection info (a restart that moved the kernel)."""
-        keys = ("ip", "transport", "shell_port", "iopub_port", "stdin_port", "control_port", "key")
+        keys = ("ip", "transport", "shell_port", "iopub_port", "stdin_port", "control_port", "key", "curve_publickey")
         self.in_flight = 0  # the old kernel process will not answer what it was sent
         self._refusing = False
         if all(connection_info.get(k) == self.connection_info.get(k) for k in keys):

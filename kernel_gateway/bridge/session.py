@@ -26,7 +26,8 @@ from .frames import DELIMITER, FrameError, KernelMessage, kernel_message_from_zm
 if TYPE_CHECKING:
     from .channels import KernelBridge
 
-__all__ = ["ChannelSession", "ChannelSink", "gateway_message", "read_batches", "zmq_address"]
+__all__ = ["ChannelSession", "ChannelSink", "client_keys", "connect_to_kernel", "gateway_message", "read_batches",
+           "zmq_address"]
 
 
 #: Messages taken from a socket in one go before they are handed on (bounds one loop iteration).
@@ -67,6 +68,31 @@ def zmq_address(info: dict[str, Any], channel: str) -> str:
     ip = info.get("ip", "127.0.0.1")
     port = info[f"{channel}_port"]
     return f"{transport}://{ip}:{port}" if transport == "tcp" else f"{transport}://{ip}-{port}"
+
+
+_client_keys: tuple[bytes, bytes] | None = None
+
+
+def client_keys() -> tuple[bytes, bytes]:
+    """This process's CurveZMQ client key pair (public, secret), made on first use and never kept anywhere: a
+    kernel authenticates itself with its server key but accepts any client key pair, so every gateway process
+    (and replica) can have its own."""
+    global _client_keys
+    if _client_keys is None:
+        _client_keys = zmq.curve_keypair()
+    return _client_keys
+
+
+def connect_to_kernel(sock: zmq.Socket, info: dict[str, Any], channel: str) -> None:
+    """Connect ``sock`` to the kernel's ``channel``; as a CurveZMQ client when the connection info has the
+    kernel's public key (``curve_publickey``), so the channel is encrypted and only that kernel can answer."""
+    server_key = info.get("curve_publickey")
+    if server_key:
+        public, secret = client_keys()
+        sock.curve_serverkey = server_key.encode() if isinstance(server_key, str) else server_key
+        sock.curve_publickey = public
+        sock.curve_secretkey = secret
+    sock.connect(zmq_address(info, channel))
 
 
 #: Seconds shell messages wait for this session's stdin connection before they go anyway.
@@ -116,7 +142,7 @@ class ChannelSession:
             if channel == "stdin":
                 self._monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
                 self._readers.append(asyncio.create_task(self._release_when_connected(self._monitor)))
-            sock.connect(zmq_address(self.bridge.connection_info, channel))
+            connect_to_kernel(sock, self.bridge.connection_info, channel)
             self._sockets[channel] = sock
             self._readers.append(asyncio.create_task(self._read(channel, sock)))
 

@@ -16,7 +16,7 @@ import zmq.asyncio
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.provisioning import KernelProvisionerFactory
 
-from ..bridge.session import zmq_address
+from ..bridge.session import connect_to_kernel
 from ..store import KernelRecord
 from .managed import ManagedKernel
 
@@ -27,8 +27,11 @@ _LAUNCH_ARGS = ("env", "cwd", "independent")
 
 
 def _text_key(info: dict[str, Any]) -> dict[str, Any]:
+    """``info`` for the record: its HMAC key as text, and no CurveZMQ secret key (a local kernel's is in its
+    connection file; the gateway reaches the kernel with the public key and a key pair of its own)."""
     key = info.get("key")
-    return {**info, "key": key.decode()} if isinstance(key, bytes) else dict(info)
+    info = {name: value for name, value in info.items() if name != "curve_secretkey"}
+    return {**info, "key": key.decode()} if isinstance(key, bytes) else info
 
 
 async def kernel_record(kernel: ManagedKernel, keeper: str = "") -> KernelRecord:
@@ -76,7 +79,7 @@ async def heartbeat(context: zmq.asyncio.Context, connection_info: dict[str, Any
     sock = context.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
     try:
-        sock.connect(zmq_address(connection_info, "hb"))
+        connect_to_kernel(sock, connection_info, "hb")
         await sock.send(b"gateway-reattach")
         return await asyncio.wait_for(sock.recv(), timeout) == b"gateway-reattach"
     except (asyncio.TimeoutError, zmq.ZMQError):

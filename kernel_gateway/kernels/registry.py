@@ -35,8 +35,9 @@ from ..store import KernelRecord, KernelStore, StoreUnavailable
 from ._connection_files import ConnectionFiles
 from .keeping import adopt, heartbeat, kernel_record
 from .managed import ManagedKernel, ManagerLog
-from .process_watch import ProcessExitRestarter
+from .manager import GatewayKernelManager
 from .pools import KernelPools
+from .process_watch import ProcessExitRestarter
 from .replicas import ReplicaView, peer_model
 
 __all__ = ["KernelRegistry", "ManagedKernel"]
@@ -77,10 +78,11 @@ class KernelRegistry(EnvConfigurable):
     """All kernels of this gateway, keyed by id."""
 
     kernel_manager_class = Type(
-        AsyncIOLoopKernelManager,
+        GatewayKernelManager,
         klass=AsyncKernelManager,
         config=True,
-        help="The jupyter_client kernel manager class used for every kernel.",
+        help="The jupyter_client kernel manager class used for every kernel; derive from "
+        "kernel_gateway.kernels.manager.GatewayKernelManager to keep remote kernels' transport encryption.",
     )
     default_kernel_name = Unicode(
         "python3",

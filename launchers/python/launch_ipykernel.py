@@ -16,6 +16,11 @@ Wire format (version 1): on a TCP connection to the response address the launche
                 {"version": 1, "kernel_id", "launch_token", "connection_info": {...},
                  "control_port", "control_key": b64, "pid", "pgid", "hostname"}
 
+``connection_info`` has the kernel's ports, HMAC ``key``, ``ip``, ``transport`` and ``signature_scheme``,
+and with ``--curve`` also ``curve_publickey``: the Z85 CurveZMQ public key of the kernel, which then serves
+every channel as a CurveZMQ server. The launcher makes the key pair (``zmq.curve_keypair()``) and hands it
+to ipykernel in this process; the secret key is never reported, written, logged or put in an environment.
+
 and reads the gateway's acknowledgement, sent only once the payload decrypted and its token matched:
 
     b"KGA1" | HMAC-SHA256(HKDF-SHA256(shared, info=b"kernel-gateway launcher v1 ack"), message)
@@ -516,6 +521,17 @@ def reporting_app_class():
     return LaunchedKernelApp
 
 
+def curve_keys() -> dict:
+    """A fresh CurveZMQ key pair for the kernel, as ipykernel's ``curve_publickey`` / ``curve_secretkey``."""
+    import zmq
+
+    if not zmq.has("curve"):
+        raise SystemExit("launcher: --curve asks for CurveZMQ encryption but this pyzmq has none (zmq.has('curve') "
+                         "is False); install a pyzmq wheel, or declare no supported_encryption in the kernelspec")
+    public, secret = zmq.curve_keypair()
+    return {"curve_publickey": public, "curve_secretkey": secret}
+
+
 def run_local(args: argparse.Namespace, kernel_args: list[str]) -> None:
     """Run ipykernel from the gateway's connection file (local kernels)."""
     from ipykernel.kernelapp import IPKernelApp
@@ -567,6 +583,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="start warm: report, then wait for the gateway's start request (also KERNEL_LAUNCHER_WARM=1)")
     parser.add_argument("--warm-local", action="store_true",
                         help="import ahead, then run as the JSON line on stdin says (the gateway's local pools)")
+    parser.add_argument("--curve", action="store_true",
+                        help="encrypt the kernel's channels with CurveZMQ and report the public key")
     parser.add_argument("--connect-timeout", type=float, default=30.0,
                         help="seconds to keep reporting to the gateway until it acknowledges; then exit with status 3")
     args, kernel_args = parser.parse_known_args(argv)
@@ -617,7 +635,8 @@ def main(argv: list[str] | None = None) -> None:
     config.IPKernelApp.ip = args.ip
     config.IPKernelApp.hb_port = hb_port
     config.IPKernelApp.kernel_class = args.kernel_class_name
-    app = reporting_app_class().instance(config=config)
+    curve = curve_keys() if args.curve else {}
+    app = reporting_app_class().instance(config=config, **curve)  # ipykernel 7 serves every channel with them
     app.initialize([])
     if args.spark_session:
         start_spark_session(app)
@@ -639,6 +658,7 @@ def main(argv: list[str] | None = None) -> None:
             "key": config.Session.key.decode(),
             "signature_scheme": "hmac-sha256",
             "kernel_name": "",
+            **({"curve_publickey": curve["curve_publickey"].decode()} if curve else {}),
         },
         "control_port": control_port,
         "control_key": base64.b64encode(control_key).decode(),

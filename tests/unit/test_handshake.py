@@ -266,6 +266,10 @@ MALFORMED = {
                                    "warm payload for kernel"),
     "warm without an address": (lambda kid, token: _shape(kid, token, warm=True), "needs ip, control_port and control_key"),
     "missing connection_info": (lambda kid, token: _shape(kid, token, connection_info=None), "not an object"),
+    "curve key too short": (lambda kid, token: _shape(kid, token, info={"curve_publickey": "abc"}), "not a Z85 CurveZMQ"),
+    "curve secret key reported": (lambda kid, token: _shape(kid, token, info={"curve_publickey": "a" * 40,
+                                                                              "curve_secretkey": "b" * 40}),
+                                  "carries curve_secretkey"),
 }
 
 

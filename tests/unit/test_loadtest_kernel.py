@@ -131,6 +131,11 @@ def test_sigint_interrupts_without_killing(kernel):
 def test_interrupt_request_on_control(kernel):
     _, kc = kernel
     msg_id = kc.execute("stream 100000 every 0.01")
+    deadline = time.monotonic() + DEADLINE
+    while time.monotonic() < deadline:  # interrupt the cell once it runs (sent before, it would find nothing running)
+        msg = kc.get_iopub_msg(timeout=DEADLINE)
+        if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "stream":
+            break
     request = kc.session.msg("interrupt_request", {})
     kc.control_channel.send(request)
     deadline = time.monotonic() + DEADLINE

@@ -30,7 +30,8 @@ def swarm(docker_client):
     return docker_client
 
 
-def write_container_spec(root: Path, name: str, provisioner: str, config: dict, argv: list[str] | None = None) -> None:
+def write_container_spec(root: Path, name: str, provisioner: str, config: dict, argv: list[str] | None = None,
+                         metadata: dict | None = None) -> None:
     spec_dir = root / "kernels" / name
     spec_dir.mkdir(parents=True, exist_ok=True)
     spec = {
@@ -38,7 +39,7 @@ def write_container_spec(root: Path, name: str, provisioner: str, config: dict, 
         "display_name": f"Container {name}",
         "language": "python",
         "interrupt_mode": "message",
-        "metadata": {"kernel_provisioner": {"provisioner_name": provisioner, "config": config}},
+        "metadata": {"kernel_provisioner": {"provisioner_name": provisioner, "config": config}, **(metadata or {})},
     }
     (spec_dir / "kernel.json").write_text(json.dumps(spec))
 

@@ -22,8 +22,9 @@ def ssh_cluster(tmp_path_factory) -> SSHCluster:
     cluster.stop()
 
 
-def write_ssh_spec(root: Path, name: str, cluster: SSHCluster, **config) -> None:
-    """A kernelspec under ``root/kernels/name`` running our launcher over SSH on the cluster's hosts."""
+def write_ssh_spec(root: Path, name: str, cluster: SSHCluster, metadata: dict | None = None, **config) -> None:
+    """A kernelspec under ``root/kernels/name`` running our launcher over SSH on the cluster's hosts; ``metadata``
+    is added to its metadata."""
     spec_dir = root / "kernels" / name
     spec_dir.mkdir(parents=True, exist_ok=True)
     base = {
@@ -40,7 +41,7 @@ def write_ssh_spec(root: Path, name: str, cluster: SSHCluster, **config) -> None
         "display_name": f"SSH {name}",
         "language": "python",
         "interrupt_mode": interrupt_mode,
-        "metadata": {"kernel_provisioner": {"provisioner_name": "ssh-provisioner", "config": base}},
+        "metadata": {"kernel_provisioner": {"provisioner_name": "ssh-provisioner", "config": base}, **(metadata or {})},
     }
     (spec_dir / "kernel.json").write_text(json.dumps(spec))
 

@@ -87,7 +87,8 @@ def write_spark_specs(tmp_path, yarn, proxy, instance, cluster_env, **overrides)
               for item in SPARK_CONF]
     specs = {name: {"argv": argv, "display_name": "Spark on YARN", "language": "python", "interrupt_mode": "message",
                     "env": env, "metadata": {"kernel_provisioner": {"provisioner_name": "yarn-spark-provisioner",
-                                                                    "config": config}}}
+                                                                    "config": config},
+                                             "supported_encryption": ["curve"]}}
              for name, argv in (("spark", spark_argv()), ("spark-broken", spark_argv(broken)))}
     specs["eg-spark"] = eg_spark_spec(tmp_path, config, env)
     for name, spec in specs.items():
@@ -112,6 +113,8 @@ def test_spark_kernel_runs_on_yarn_executors(tmp_path, yarn_cluster, yarn, proxy
         assert status == 201, body
         kid = body["id"]
         print(f"spark kernel start-to-ready {time.monotonic() - started:.1f}s")
+        # the spec declares CurveZMQ: the driver's launcher got --curve and reported its public key (issue 12)
+        assert "curve_publickey" in json.loads((tmp_path / "runtime" / f"kernel-{kid}.json").read_text())
         app = yarn.kernel_app(instance, kid)
         assert app and app["state"] == "RUNNING" and app["applicationType"] == "SPARK", app
         assert set(app["applicationTags"].split(",")) >= {"kernel_gateway", f"kg-kernel:{kid}", "kg-user:alice"}

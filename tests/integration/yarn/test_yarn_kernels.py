@@ -313,6 +313,9 @@ def test_specs_install_yarn_writes_a_working_spec(tmp_path, yarn, proxy):
                                                "GATEWAY_RESPONSE_HOST": yarn.gateway_address}, timeout=60)
     try:
         kid = start_kernel(gw, "yarn-cli")
+        # the spec declares CurveZMQ, so 'auto' encrypts the kernel's channels (issue 12)
+        assert spec["metadata"]["supported_encryption"] == ["curve"]
+        assert "curve_publickey" in json.loads((tmp_path / "runtime" / f"kernel-{kid}.json").read_text())
         with KernelWS(gw, kid) as ws:
             assert ws.run("import os; print(os.environ['CONTAINER_ID'][:10])")[0].strip() == "container_"
         assert call(gw, "DELETE", f"/api/kernels/{kid}")[0] == 204
