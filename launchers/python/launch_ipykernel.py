@@ -43,9 +43,9 @@ stdin, so it is in no /proc/<pid>/environ. The launcher's own messages go to a c
 stderr (the backend's log), which ipykernel's capture of fds 1 and 2 does not reach.
 
 Warm start (pools, version 1): with ``--warm`` (or ``KERNEL_LAUNCHER_WARM=1``) the launcher binds only its
-control port, reports ``{"version": 1, "kernel_id", "launch_token", "warm": true, "ip", "control_port",
-"control_key", "pid", "pgid", "hostname"}`` (no connection info) the same way, imports the kernel's modules
-and waits. The gateway hands the kernel out with one control request ``{"start": {"nonce": b64,
+control port, imports the kernel's modules, reports ``{"version": 1, "kernel_id", "launch_token", "warm": true,
+"ip", "control_port", "control_key", "pid", "pgid", "hostname"}`` (no connection info) the same way and
+waits. The gateway hands the kernel out with one control request ``{"start": {"nonce": b64,
 "ciphertext": b64}}``, AES-256-GCM under HKDF-SHA256(control_key, info=b"kernel-gateway launcher v1 start")
 with aad ``b"start"``, of JSON ``{"launch_token", "env": {...}, "cwd"}``: the launcher applies the
 environment and working directory, binds the kernel's ports, starts the kernel and reports its connection
@@ -555,7 +555,6 @@ def run_warm_local() -> None:
 
 def wait_for_start(server: ControlServer, args: argparse.Namespace) -> str:
     """A warm launcher's wait for the gateway's start request; returns the launch token of the real start."""
-    warm_imports()
     server.started.wait()
     start = server.start_request or {}
     apply_start(start.get("env") or {}, start.get("cwd"))
@@ -617,6 +616,7 @@ def main(argv: list[str] | None = None) -> None:
     control = ControlServer(control_sock, control_key)
     if args.warm:
         control.start()
+        warm_imports()  # before reporting: a kernel reported warm starts at once when it is handed out
         report(args, {"version": 1, "kernel_id": args.kernel_id, "launch_token": token, "warm": True, "ip": args.ip,
                       "control_port": control_port, "control_key": base64.b64encode(control_key).decode(),
                       "pid": os.getpid(), "pgid": os.getpgid(0), "hostname": socket.gethostname()})

@@ -9,6 +9,7 @@ import signal
 
 import pytest
 
+from tests.services.capture import assert_remote_kernel_encrypted
 from tests.services.client import call, start_kernel
 from tests.services.gateway import wait_until
 from tests.services.kernel_store import run
@@ -62,4 +63,24 @@ def test_ssh_pool_hands_out_warm_launchers_late_bound(start_gw, ssh_cluster, tmp
     assert "Traceback" not in gw.log()
     for kid in started:
         for pid in kernel_processes(ssh_cluster, kid):  # a failed test leaves no launcher behind
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_warm_launcher_hands_out_an_encrypted_kernel(start_gw, ssh_cluster, tmp_path):
+    """Encryption is decided when the launcher starts warm (by the kernelspec), and the kernel it starts at hand-out
+    is as encrypted as a cold one: nothing readable on the wire, no answer without the server key."""
+    write_ssh_spec(tmp_path / "data", "ssh", ssh_cluster, metadata={"supported_encryption": ["curve"]}, pool_size=1)
+    gw = start_gw(f"--ResponseListener.response_port_range={PORT_RANGE}",
+                  env={"JUPYTER_PATH": str(tmp_path / "data"), "GATEWAY_POOL_CHECK_INTERVAL": "0.5"}, timeout=60)
+    kid = None
+    try:
+        wait_until(lambda: metric(gw, "kernel_gateway_pool_kernels", kernelspec="ssh", state="ready") == 1, 120, 0.2,
+                   what="a warm SSH launcher")
+        kid = start_kernel(gw, "ssh", timeout=90)
+        assert f"kernel={kid} started warm kernel ssh" in gw.log()
+        assert_remote_kernel_encrypted(gw, tmp_path / "runtime", kid, tmp_path / "warm.pcap",
+                                       lambda k: next(iter(kernel_processes(ssh_cluster, k)), None))
+    finally:
+        gw.stop()
+        for pid in kernel_processes(ssh_cluster, kid) if kid else ():
             os.kill(pid, signal.SIGKILL)
