@@ -485,11 +485,13 @@ class KernelRegistry(EnvConfigurable):
         """A kernel manager for kernel ``kernel_id`` of kernelspec ``name``, not started."""
         cls = self.kernel_manager_class
         extra: dict[str, Any] = {}
-        if issubclass(cls, AsyncIOLoopKernelManager) and not any(
+        shared = self.store is not None and self.store.shared
+        if not shared and issubclass(cls, AsyncIOLoopKernelManager) and not any(
                 "restarter_class" in self.config.get(c.__name__, {}) for c in cls.mro()):
-            # woken by the process's exit, not a 3 s timer per kernel (remote kernels are still polled)
+            # woken by the process's exit, not a 3 s timer per kernel (remote kernels are still polled). Not with
+            # replicas: a kernel another replica restarts must not be seen dead before the store says so
             extra["restarter_class"] = ProcessExitRestarter
-        return cls(
+        km = cls(
             parent=self,
             kernel_id=kernel_id,
             kernel_name=name,
@@ -500,6 +502,7 @@ class KernelRegistry(EnvConfigurable):
             log=ManagerLog(log, {"kernel_id": kernel_id}),
             **extra,
         )
+        return km
 
     def _open_bridge(self, kernel: ManagedKernel) -> KernelBridge:
         kernel.bridge = KernelBridge(

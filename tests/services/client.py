@@ -128,6 +128,19 @@ class KernelWS:
             if predicate(msg):
                 return msg, seen
 
+    def wait_iopub(self, timeout: float = 30) -> None:
+        """Ask kernel_info until its iopub status comes too, as clients do after a restart: output published before
+        the gateway's subscription to a restarted kernel took is lost (ZMQ's slow joiner), the reply is not."""
+        deadline = time.monotonic() + timeout
+        while True:
+            msg_id = self.send(make_msg("kernel_info_request", {}))
+            try:
+                self.collect(msg_id, timeout=min(2.0, max(deadline - time.monotonic(), 0.1)))
+                return
+            except (TimeoutError, websocket.WebSocketTimeoutException):
+                if time.monotonic() >= deadline:
+                    raise
+
     def run(self, code: str, timeout: float = 60) -> tuple[str, list[dict]]:
         """Execute ``code``; return its stdout text and all its messages."""
         msgs = self.collect(self.execute(code), timeout)

@@ -30,7 +30,8 @@ async def test_survivors_are_frozen_and_let_back_each_interval():
         kept = [_Cycle() for _ in range(1000)]
         probe = weakref.ref(kept[0])
         gc.collect()  # a full collection: its survivors are frozen once the loop runs
-        await _until(lambda: gc.get_freeze_count() >= len(kept))
+        count = len(kept)
+        await _until(lambda: gc.get_freeze_count() >= count)
         del kept  # dead cycles, frozen: no collection sees them until they are let back
         gc.collect(0)
         assert probe() is not None

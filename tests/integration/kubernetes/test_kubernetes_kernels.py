@@ -47,14 +47,16 @@ def instance() -> str:
     return f"kgw-test-{uuid.uuid4().hex[:8]}"
 
 
-def k8s_gateway(tmp_path: Path, cluster: KubernetesCluster, instance: str, pod: dict | None = None, **overrides):
-    """A gateway with kernelspecs 'pod', 'exits' and 'missing'; ``pod``: options of the 'pod' spec alone."""
+def k8s_gateway(tmp_path: Path, cluster: KubernetesCluster, instance: str, pod: dict | None = None,
+                metadata: dict | None = None, **overrides):
+    """A gateway with kernelspecs 'pod', 'exits' and 'missing'; ``pod``: options of the 'pod' spec alone, ``metadata``:
+    added to its metadata."""
     base = {"image": cluster.kernel_image, "image_pull_policy": "Never", "kubeconfig": cluster.kubeconfig,
             "response_host": cluster.node_ip, "port_range": PORTS, "instance_name": instance, "namespace": "default",
             "max_cpus": 64, "max_memory": "1g", "allowed_images": [cluster.kernel_image, MISSING_IMAGE],
             "launch_timeout": LAUNCH_TIMEOUT}
     base.update(overrides)
-    write_container_spec(tmp_path / "data", "pod", PROVISIONER, {**base, **(pod or {})})
+    write_container_spec(tmp_path / "data", "pod", PROVISIONER, {**base, **(pod or {})}, metadata=metadata)
     write_container_spec(tmp_path / "data", "exits", PROVISIONER, base,
                          argv=["/bin/sh", "-c", "echo launcher-boom >&2; exit 3"])
     write_container_spec(tmp_path / "data", "missing", PROVISIONER, {**base, "image": MISSING_IMAGE})

@@ -92,7 +92,9 @@ def test_any_replica_serves_any_kernel(replicas):
         ws.assert_interrupts(b, kid)
     # a restart through B: A lets its copy go, and both still serve the same id with the same user
     assert call(b, "POST", f"/api/kernels/{kid}/restart", timeout=90)[0] == 200
-    assert run(a, kid, "import os; print(os.environ['KERNEL_USERNAME'])").strip() == "alice"
+    with KernelWS(a, kid) as ws:
+        ws.wait_iopub()  # A's subscription follows the restarted kernel a moment later (see the note of wait_iopub)
+        assert ws.run("import os; print(os.environ['KERNEL_USERNAME'])")[0].strip() == "alice"
     # a shutdown through A: B lets it go too, and no record or process is left
     assert call(a, "DELETE", f"/api/kernels/{kid}")[0] == 204
     wait_until(lambda: kid not in kernel_ids(b) and kid not in kernel_ids(a), 30, 0.2, what="both to forget it")
