@@ -672,7 +672,7 @@ class KernelRegistry(EnvConfigurable):
 
     async def shutdown(self, kernel_id: str, now: bool = False) -> None:
         """Shut the kernel down (shutdown_request, then kill after ``shutdown_timeout``) and forget it."""
-        kernel = await self.find(kernel_id)
+        kernel = await self._as_recorded(await self.find(kernel_id))
         async with kernel.lock:
             if kernel_id not in self.kernels:
                 return
@@ -685,6 +685,20 @@ class KernelRegistry(EnvConfigurable):
                 if kernel.bridge:
                     kernel.bridge.close()
             await self._forget_record(kernel)
+
+    async def _as_recorded(self, kernel: ManagedKernel) -> ManagedKernel:
+        """With replicas: the kernel as its record says it runs now. Another replica may have restarted it since our
+        last store read; ending the process we knew (gone) would leave the new one running."""
+        if self.replicas is None or self.store is None or kernel.record is None:
+            return kernel
+        try:
+            record = await self.store.get(kernel.kernel_id)
+        except StoreUnavailable:
+            return kernel  # the sync catches up later; end what we know
+        if record is None or record == kernel.record:
+            return kernel
+        await self.follow(kernel, record)
+        return self.kernels.get(kernel.kernel_id) or await self.find(kernel.kernel_id)
 
     async def _forget_record(self, kernel: ManagedKernel) -> None:
         if self.store is None:

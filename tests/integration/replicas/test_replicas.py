@@ -99,6 +99,8 @@ def test_any_replica_serves_any_kernel(replicas):
     assert call(a, "DELETE", f"/api/kernels/{kid}")[0] == 204
     wait_until(lambda: kid not in kernel_ids(b) and kid not in kernel_ids(a), 30, 0.2, what="both to forget it")
     assert call(b, "GET", f"/api/kernels/{kid}")[0] == 404
+    # the process B started for the restart ended too, though A shut the kernel down
+    wait_until(lambda: not pgrep_f(f"kernel-{kid}.json"), 30, 0.2, what="no process of the kernel left")
     assert "Traceback" not in a.log() + b.log()
 
 
