@@ -55,7 +55,6 @@ class WarmKernel:
 
     kernel_id: str
     km: AsyncKernelManager
-    since: float = field(default_factory=time.time)
     ready: bool = False
 
 
@@ -274,10 +273,9 @@ class KernelPools(EnvConfigurable):
 
     def _pool_size(self, name: str, spec: Any) -> int:
         """``pool_size`` of the kernelspec's provisioner as configured (kernelspec config > config > env)."""
-        km = self.registry.manager("pool-size-probe", name)
-        try:
+        try:  # configured as the start-up check configures it (startup_checks.validate_kernelspecs)
             provisioner = KernelProvisionerFactory.instance(parent=self.registry).create_provisioner_instance(
-                "pool-size-probe", spec, parent=km)
+                "pool-size-probe", spec, parent=self.registry)
         except Exception as exc:  # its provisioner is missing or misconfigured: its starts say so; no pool
             log.warning("kernelspec %s: no pool (%s)", name, exc)
             return 0
